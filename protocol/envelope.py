@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -82,8 +82,9 @@ def canonical_json(obj: Any) -> bytes:
 
 @dataclass(frozen=True)
 class SessionKeys:
-    request: bytes
-    response: bytes
+    # repr=False: a key must never reach a log line or a traceback through repr().
+    request: bytes = field(repr=False)
+    response: bytes = field(repr=False)
 
 
 def derive_keys(data_key: bytes, session: str) -> SessionKeys:
@@ -231,7 +232,11 @@ def parse_request(body: Any) -> SealedRequest:
 
 
 def seal_request(
-    keys: SessionKeys, header: Header, edk: bytes, question: dict[str, Any], nonce: bytes | None = None
+    keys: SessionKeys,
+    header: Header,
+    edk: bytes,
+    question: dict[str, Any],
+    nonce: bytes | None = None,
 ) -> SealedRequest:
     """Seal a question (a JSON object) under the request key; `nonce` only for test vectors."""
     nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)

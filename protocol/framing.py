@@ -70,7 +70,9 @@ def recv_frame(
     deadline = time.monotonic() + timeout
     (length,) = _HEADER.unpack(_read_exact(sock, _HEADER.size, deadline, at_boundary=True))
     if length > max_size:
-        raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"declared frame of {length} bytes > {max_size}")
+        raise FrameError(
+            ErrorCode.FRAME_TOO_LARGE, f"declared frame of {length} bytes > {max_size}"
+        )
     return _read_exact(sock, length, deadline, at_boundary=False)
 
 

@@ -124,7 +124,9 @@ class Status:
             raise NitroError(ErrorCode.PROTOCOL_ERROR, "bad status code")
         if ctype not in (CONTENT_JSON, CONTENT_NDJSON):
             raise NitroError(ErrorCode.PROTOCOL_ERROR, "bad content type")
-        if (status == 200) != (error is None) or (error is not None and not isinstance(error, dict)):
+        if (status == 200) != (error is None) or (
+            error is not None and not isinstance(error, dict)
+        ):
             raise NitroError(ErrorCode.PROTOCOL_ERROR, "status and error disagree")
         return cls(status, ctype, error)
 

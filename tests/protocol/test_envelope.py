@@ -195,10 +195,15 @@ def test_unpad_arbitrary_bytes_gives_only_nitro_errors(data):
         pass
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=30),
-                    lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=12), inner, max_size=8),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=8)
+        ),
+        max_leaves=20,
+    )
+)
 def test_parse_request_arbitrary_json_gives_only_nitro_errors(body):
     try:
         envelope.parse_request(body)

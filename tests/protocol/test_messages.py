@@ -46,9 +46,12 @@ def test_status_and_body_frames():
     failed = Status.from_json(status_frame(403, error=NitroError(ErrorCode.UNKNOWN_KEY)))
     assert failed.status == 403 and failed.error["code"] == "unknown_key"
     assert parse_body_frame(body_frame({"a": 1}, True)) == (True, {"a": 1})
-    for bad in ({"status": 200}, {"status": 99, "content_type": "application/json"},
-                {"status": 500, "content_type": "application/json"},
-                {"status": 200, "content_type": "text/html"}):
+    for bad in (
+        {"status": 200},
+        {"status": 99, "content_type": "application/json"},
+        {"status": 500, "content_type": "application/json"},
+        {"status": 200, "content_type": "text/html"},
+    ):
         with pytest.raises(NitroError):
             Status.from_json(bad)
     with pytest.raises(NitroError):

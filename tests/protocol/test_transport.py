@@ -17,8 +17,14 @@ def test_parse_each_scheme():
 
 @pytest.mark.parametrize(
     "text",
-    ["http://x:1", "vsock://host:5000", "tcp://127.0.0.1", "unix://", "tcp://h:99999",
-     "unix:///" + "a" * 120],
+    [
+        "http://x:1",
+        "vsock://host:5000",
+        "tcp://127.0.0.1",
+        "unix://",
+        "tcp://h:99999",
+        "unix:///" + "a" * 120,
+    ],
 )
 def test_bad_addresses_are_refused(text):
     with pytest.raises(ValueError):
