@@ -1,0 +1,963 @@
+"""Building blocks of the local stack: state paths, access keys, the key, config, policy, processes.
+
+`nitro-local` (emulator/local.py) and the integration tests compose these. Each component runs as
+its own process in its own session, its output in DIR/logs/<name>.log and its pid in DIR/run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emulator.local_policy import render_local_policy
+
+ACCOUNT_ID = "111122223333"
+REGION = "us-east-1"
+ADMIN_ARN = f"arn:aws:iam::{ACCOUNT_ID}:root"
+USER_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/nitro-llm-user"
+PARENT_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/nitro-llm-parent"
+KEY_ALIAS = "alias/nitro-llm"
+COMPONENTS = ("kms", "nsm", "enclave", "proxy")  # start order; stopped in reverse
+NO_ISOLATION = (
+    "Local mode gives no isolation: the 'enclave' is an ordinary process on this machine; "
+    "it shows the protocol, not the protection."
+)
+MAX_SOCKET_PATH = 100  # bytes; sun_path holds 108 on Linux, 104 on macOS
+READY_TIMEOUT_S = 180.0
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+LOCK_TIMEOUT_S = 10.0
+_POLL_S = 0.2
+_START_MARK = "--- nitro-local: starting"
+_MAX_SMALL_FILE = 1 << 16
+
+Progress = Callable[[str], None]
+
+
+class StackError(Exception):
+    """A step of the local stack failed; `component` names the one whose log explains it."""
+
+    def __init__(self, message: str, component: str | None = None) -> None:
+        super().__init__(message)
+        self.component = component
+
+
+# ---- where things live -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Every path under the state directory DIR (made absolute), and the unix sockets' paths."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(os.path.abspath(os.fspath(self.root))))
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "nsm-ca"
+
+    @property
+    def principals(self) -> Path:
+        return self.root / "principals.json"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "key.json"
+
+    @property
+    def enclave_config(self) -> Path:
+        return self.root / "enclave.json"
+
+    @property
+    def parent_credentials(self) -> Path:
+        return self.root / "parent.json"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile.json"
+
+    @property
+    def default_model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "tls" / "cert.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.root / "tls" / "key.pem"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def sockets_file(self) -> Path:
+        return self.root / "run" / "sockets.json"
+
+    @property
+    def kms_port_file(self) -> Path:
+        return self.root / "run" / "kms.port"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run" / "lock"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def pid_file(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    @property
+    def socket_dir(self) -> Path:
+        """DIR/run, or /tmp/nitro-<8 hex of sha256(DIR)> when paths under DIR/run are too long."""
+        longest = self.run / "enclave.sock"
+        if len(os.fsencode(longest)) < MAX_SOCKET_PATH:
+            return self.run
+        digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]
+        return Path("/tmp") / f"nitro-{digest}"
+
+    @property
+    def nsm_socket(self) -> Path:
+        return self.socket_dir / "nsm.sock"
+
+    @property
+    def enclave_socket(self) -> Path:
+        return self.socket_dir / "enclave.sock"
+
+    def prepare(self) -> None:
+        """Create DIR (0700) and its subdirectories, the socket directory, and sockets.json."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        for sub in (self.logs, self.run, self.tls_dir):
+            sub.mkdir(mode=0o700, exist_ok=True)
+        if self.socket_dir != self.run:
+            _private_dir(self.socket_dir)
+        sockets = {"nsm": str(self.nsm_socket), "enclave": str(self.enclave_socket)}
+        _write_file(self.sockets_file, json.dumps(sockets, indent=2) + "\n", mode=0o600)
+
+
+def _private_dir(path: Path) -> None:
+    """A directory only we can use: /tmp is shared, so refuse one someone else made."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid():
+        raise StackError(f"{path} exists and is not a directory of ours; remove it")
+    if info.st_mode & 0o077:
+        raise StackError(f"{path} is accessible to other users; remove it")
+
+
+def _write_file(path: Path, text: str, *, mode: int) -> None:
+    """Atomic write (temporary file, then rename) with `mode` set before any byte is written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        raw = handle.read(_MAX_SMALL_FILE + 1)
+    if len(raw) > _MAX_SMALL_FILE:
+        raise StackError(f"{path} is too large")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StackError(f"{path} is not valid JSON; remove it to start afresh") from exc
+
+
+@contextlib.contextmanager
+def stack_lock(paths: StatePaths, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold DIR/run/lock so that two `nitro-local` commands never work on one DIR at once."""
+    paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"another nitro-local is working on {paths.root}") from None
+                time.sleep(_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---- access keys, CA, model, TLS certificate ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    access_key_id: str
+    secret_access_key: str
+    arn: str
+
+    def __repr__(self) -> str:  # never let a log line or traceback carry the secret
+        return f"AccessKey({self.arn}, {self.access_key_id[:8]}...)"
+
+
+@dataclass(frozen=True)
+class Principals:
+    """The KMS emulator's three principals: the key's admin, the user and the parent role."""
+
+    admin: AccessKey
+    user: AccessKey
+    parent: AccessKey
+
+
+_KEY_ID_CHARS = string.ascii_uppercase + "234567"  # the alphabet of real access key ids
+_SECRET_CHARS = string.ascii_letters + string.digits + "+/"
+
+
+def _new_access_key(arn: str) -> AccessKey:
+    akid = "AKIA" + "".join(secrets.choice(_KEY_ID_CHARS) for _ in range(16))
+    secret = "".join(secrets.choice(_SECRET_CHARS) for _ in range(40))
+    return AccessKey(akid, secret, arn)
+
+
+def ensure_principals(paths: StatePaths) -> Principals:
+    """Load DIR/principals.json, creating the keys it lacks (kept across restarts; mode 0600)."""
+    by_arn: dict[str, AccessKey] = {}
+    if paths.principals.exists():
+        raw = _read_json(paths.principals)
+        if not isinstance(raw, dict):
+            raise StackError(f"{paths.principals} must hold an object; remove it to start afresh")
+        for akid, entry in raw.items():
+            if isinstance(entry, dict) and isinstance(entry.get("arn"), str):
+                by_arn[entry["arn"]] = AccessKey(
+                    akid, str(entry["secret_access_key"]), entry["arn"]
+                )
+    wanted = (ADMIN_ARN, USER_ARN, PARENT_ARN)
+    if any(arn not in by_arn for arn in wanted):
+        for arn in wanted:
+            by_arn.setdefault(arn, _new_access_key(arn))
+        table = {
+            key.access_key_id: {"secret_access_key": key.secret_access_key, "arn": key.arn}
+            for key in by_arn.values()
+        }
+        _write_file(paths.principals, json.dumps(table, indent=2) + "\n", mode=0o600)
+    return Principals(by_arn[ADMIN_ARN], by_arn[USER_ARN], by_arn[PARENT_ARN])
+
+
+def ensure_ca(paths: StatePaths) -> Path:
+    """Create (once) the NSM emulator's CA under DIR/nsm-ca; returns the root PEM's path."""
+    from emulator.ca import LocalCA
+
+    return Path(LocalCA.load_or_create(paths.ca_dir).root_pem_path)
+
+
+def ensure_model(
+    paths: StatePaths, model_dir: Path | None = None, progress: Progress | None = None
+) -> Path:
+    """The model directory: `model_dir` when given, else DIR/model, built once."""
+    if model_dir is not None:
+        model_dir = Path(os.path.abspath(model_dir))
+        if not (model_dir / "config.json").is_file():
+            raise StackError(f"{model_dir} holds no model (no config.json)")
+        return model_dir
+    target = paths.default_model_dir
+    if (target / "config.json").is_file():
+        return target
+    if target.exists():  # left by an older, interrupted build
+        _remove_tree(target)
+    from emulator.tiny_model import build_tiny_model
+
+    report = progress or (lambda _line: None)
+    report("building the tiny model once (a few minutes on a small machine)")
+    # Built aside and renamed, so an interrupted build never passes for a model.
+    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".model-"))
+    try:
+        build_tiny_model(staging, progress=report)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            _remove_tree(staging)
+    return target
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ensure_tls_cert(paths: StatePaths) -> Path:
+    """The proxy's self-signed certificate (SAN 127.0.0.1 and localhost), made once, key 0600."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    if paths.cert.exists() and paths.tls_key.exists():
+        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        if cert.not_valid_after_utc > now + datetime.timedelta(days=1):
+            return paths.cert
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nitro-llm local proxy")])
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_file(paths.tls_key, key_pem.decode("ascii"), mode=0o600)
+    _write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM).decode(), mode=0o644)
+    return paths.cert
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A component started in its own session (its process group id is its pid)."""
+
+    name: str
+    pid: int
+    log: Path
+
+
+def _command(script: str, module: str) -> list[str]:
+    # The console script beside this interpreter (an installed venv), else the module itself.
+    candidate = Path(sys.executable).parent / script
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return [str(candidate)]
+    return [sys.executable, "-m", module]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file as they happen
+    # Everything local is on loopback; a configured HTTP proxy must not capture it.
+    for var in ("NO_PROXY", "no_proxy"):
+        env[var] = ",".join(filter(None, [env.get(var, ""), "127.0.0.1", "localhost"]))
+    return env
+
+
+def spawn(paths: StatePaths, name: str, argv: list[str]) -> Proc:
+    """Start `argv` as component `name`: new session, output to its log, pid to its pid file."""
+    log = paths.log(name)
+    with open(log, "ab") as out:
+        os.fchmod(out.fileno(), 0o600)
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        out.write(f"{_START_MARK} {name} at {stamp}\n".encode())
+        out.flush()
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            env=_child_env(),
+            cwd=paths.root,
+        )
+    _write_file(paths.pid_file(name), f"{child.pid}\n", mode=0o600)
+    return Proc(name, child.pid, log)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read(_MAX_SMALL_FILE)
+        return [os.fsdecode(part) for part in raw.split(b"\0") if part]
+    except FileNotFoundError:
+        return []
+    except OSError:
+        pass
+    if Path("/proc/self").exists():
+        return []
+    try:  # no procfs (macOS): ps, bounded; arguments split on spaces is enough to match DIR
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "command=", "-p", str(pid)],
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return os.fsdecode(out.stdout).split()
+
+
+def _reap(pid: int) -> None:
+    # Our own children (tests start components in-process) must not linger as zombies.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_ours(paths: StatePaths, pid: int) -> bool:
+    """The process is alive and was started for this DIR (its arguments name a path under it)."""
+    _reap(pid)
+    args = _cmdline(pid)
+    # A process in the middle of exec (just spawned) shows no arguments for an instant.
+    for _ in range(10):
+        if args or not _alive_not_zombie(pid):
+            break
+        time.sleep(0.02)
+        args = _cmdline(pid)
+    root = str(paths.root)
+    return any(arg == root or arg.startswith(root + os.sep) for arg in args)
+
+
+def _alive_not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read(4096).rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def component_pid(paths: StatePaths, name: str) -> int | None:
+    """The pid of component `name` if its pid file names a live process of this DIR."""
+    try:
+        text = paths.pid_file(name).read_text()[:32].strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    if not text.isdigit() or int(text) <= 1:
+        return None
+    pid = int(text)
+    return pid if _is_ours(paths, pid) else None
+
+
+def status(paths: StatePaths) -> dict[str, int | None]:
+    """Each component's pid, or None when it is not running."""
+    return {name: component_pid(paths, name) for name in COMPONENTS}
+
+
+def stop_all(paths: StatePaths, timeout: float = STOP_TIMEOUT_S) -> list[Proc]:
+    """Stop this DIR's components, last started first; remove pid files and sockets.
+
+    SIGTERM to each process group, up to `timeout` seconds to exit, then SIGKILL. Returns what
+    was running. A pid file naming a dead or foreign process is only removed.
+    """
+    stopped = []
+    for name in reversed(COMPONENTS):
+        pid = component_pid(paths, name)
+        if pid is not None:
+            _stop_group(paths, pid, timeout)
+            stopped.append(Proc(name, pid, paths.log(name)))
+        with contextlib.suppress(FileNotFoundError):
+            paths.pid_file(name).unlink()
+    for leftover in (paths.nsm_socket, paths.enclave_socket, paths.kms_port_file):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    if paths.socket_dir != paths.run:
+        with contextlib.suppress(OSError):  # only if empty: never remove what we did not make
+            paths.socket_dir.rmdir()
+    return stopped
+
+
+def _stop_group(paths: StatePaths, pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_ours(paths, pid) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+    # Whatever is left of the group (a stuck leader, or workers it left behind).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while _is_ours(paths, pid) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+
+
+def _wait_for(
+    what: str, done: Callable[[], bool], proc: Proc, paths: StatePaths, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if not _is_ours(paths, proc.pid):
+            raise StackError(f"{proc.name} exited before {what}", proc.name)
+        if time.monotonic() > deadline:
+            raise StackError(f"{proc.name}: no {what} after {timeout:.0f} s", proc.name)
+        time.sleep(_POLL_S)
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` if it can be bound on 127.0.0.1 now, else a port the kernel picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise StackError("no free port on 127.0.0.1")
+
+
+# ---- the components ----------------------------------------------------------------------------
+
+
+def start_kms(
+    paths: StatePaths, *, port: int = 0, timeout: float = START_TIMEOUT_S
+) -> tuple[Proc, str]:
+    """Start the KMS emulator and wait for its port file; returns it and its endpoint URL."""
+    with contextlib.suppress(FileNotFoundError):
+        paths.kms_port_file.unlink()
+    argv = _command("nitro-kms-emulator", "emulator.kms_server") + [
+        "--state-dir",
+        str(paths.root),
+        "--port-file",
+        str(paths.kms_port_file),
+        "--attestation-root",
+        str(paths.ca_dir / "root.pem"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--region",
+        REGION,
+        "--account-id",
+        ACCOUNT_ID,
+    ]
+    proc = spawn(paths, "kms", argv)
+    _wait_for(
+        "port file", lambda: _read_port(paths.kms_port_file) is not None, proc, paths, timeout
+    )
+    return proc, f"http://127.0.0.1:{_read_port(paths.kms_port_file)}"
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text()[:16].strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def kms_client(endpoint: str, key: AccessKey, region: str = REGION) -> Any:
+    """A boto3 KMS client for one of the emulator's principals, with bounded waits."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "kms",
+        region_name=region,
+        endpoint_url=endpoint,
+        aws_access_key_id=key.access_key_id,
+        aws_secret_access_key=key.secret_access_key,
+        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}),
+    )
+
+
+def create_or_load_key(paths: StatePaths, admin_client: Any) -> str:
+    """The key's ARN: the one in DIR/key.json if KMS still has it, else alias/nitro-llm's, else a
+    new key with that alias. Recorded in DIR/key.json."""
+    from botocore.exceptions import ClientError
+
+    candidates = []
+    if paths.key_file.exists():
+        recorded = _read_json(paths.key_file)
+        if isinstance(recorded, dict) and isinstance(recorded.get("key_arn"), str):
+            candidates.append(recorded["key_arn"])
+    candidates.append(KEY_ALIAS)
+    arn = None
+    for ref in candidates:
+        try:
+            arn = admin_client.describe_key(KeyId=ref)["KeyMetadata"]["Arn"]
+            break
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NotFoundException":
+                raise
+    if arn is None:
+        metadata = admin_client.create_key(
+            Description="nitro-llm local key (nitro-local)",
+            KeyUsage="ENCRYPT_DECRYPT",
+            KeySpec="SYMMETRIC_DEFAULT",
+        )["KeyMetadata"]
+        arn = metadata["Arn"]
+        admin_client.create_alias(AliasName=KEY_ALIAS, TargetKeyId=metadata["KeyId"])
+    _write_file(paths.key_file, json.dumps({"key_arn": arn}, indent=2) + "\n", mode=0o600)
+    return arn
+
+
+def write_enclave_config(
+    paths: StatePaths, *, key_arn: str, model_dir: Path, kms_endpoint: str
+) -> Path:
+    """DIR/enclave.json, the enclave's measured configuration (PCR2 covers it)."""
+    config = {
+        "region": REGION,
+        "key_ids": [key_arn],
+        "model_dir": str(model_dir),
+        "kms_endpoint": kms_endpoint,
+    }
+    _write_file(paths.enclave_config, json.dumps(config, indent=2) + "\n", mode=0o644)
+    return paths.enclave_config
+
+
+def app_root() -> Path:
+    """The checkout whose enclave/ and protocol/ the NSM emulator measures."""
+    import emulator
+
+    return Path(emulator.__file__).resolve().parents[1]
+
+
+def measure_pcrs(paths: StatePaths, model_dir: Path) -> dict[int, bytes]:
+    """The PCRs the NSM emulator will report for this checkout, config and model."""
+    from emulator.measure import measure
+
+    return measure(app_root(), paths.enclave_config, model_dir)
+
+
+def apply_local_policy(admin_client: Any, key_arn: str, pcrs: dict[int, bytes]) -> dict[str, Any]:
+    """PutKeyPolicy with the local policy pinned to `pcrs`; returns the policy document."""
+    policy = render_local_policy(
+        pcrs, admin_arn=ADMIN_ARN, user_arn=USER_ARN, parent_arn=PARENT_ARN
+    )
+    admin_client.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(policy))
+    return policy
+
+
+def start_nsm(paths: StatePaths, model_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Proc:
+    """Start the NSM emulator and wait for its socket."""
+    with contextlib.suppress(FileNotFoundError):
+        paths.nsm_socket.unlink()
+    argv = _command("nitro-nsm-emulator", "emulator.nsm_server") + [
+        "--socket",
+        str(paths.nsm_socket),
+        "--state-dir",
+        str(paths.root),
+        "--app-root",
+        str(app_root()),
+        "--enclave-config",
+        str(paths.enclave_config),
+        "--model-dir",
+        str(model_dir),
+    ]
+    proc = spawn(paths, "nsm", argv)
+    _wait_for("socket", paths.nsm_socket.exists, proc, paths, timeout)
+    return proc
+
+
+def start_enclave(paths: StatePaths) -> Proc:
+    """Start the enclave server on its unix socket, talking to the NSM emulator.
+
+    Not waited for here: it loads the model before it answers, which `wait_ready` follows.
+    """
+    argv = _command("enclave-server", "enclave.main") + [
+        "--config",
+        str(paths.enclave_config),
+        "--listen",
+        f"unix://{paths.enclave_socket}",
+        "--nsm",
+        f"unix://{paths.nsm_socket}",
+    ]
+    return spawn(paths, "enclave", argv)
+
+
+def write_parent_credentials(paths: StatePaths, parent: AccessKey) -> Path:
+    """DIR/parent.json (0600): the parent role's keys, which only the proxy reads."""
+    creds = {
+        "credentials": {
+            "access_key_id": parent.access_key_id,
+            "secret_access_key": parent.secret_access_key,
+            "session_token": None,
+        }
+    }
+    _write_file(paths.parent_credentials, json.dumps(creds, indent=2) + "\n", mode=0o600)
+    return paths.parent_credentials
+
+
+def start_proxy(paths: StatePaths, port: int) -> Proc:
+    """Start the parent proxy (HTTPS on 127.0.0.1:`port`) relaying to the enclave's socket."""
+    argv = _command("parent-proxy", "parent_proxy.main") + [
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--enclave",
+        f"unix://{paths.enclave_socket}",
+        "--certfile",
+        str(paths.cert),
+        "--keyfile",
+        str(paths.tls_key),
+        "--credentials-file",
+        str(paths.parent_credentials),
+    ]
+    return spawn(paths, "proxy", argv)
+
+
+def _tls_context(cafile: Path) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=str(cafile))
+    except (OSError, ssl.SSLError) as exc:
+        raise StackError(f"cannot use the proxy's certificate {cafile}: {exc}", "proxy") from exc
+
+
+def _https_status(url: str, context: ssl.SSLContext, timeout: float = 5.0) -> int | None:
+    """The HTTP status of GET `url` (TLS verified with `context`), or None if unreachable."""
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    try:
+        with opener.open(url, timeout=timeout) as answer:
+            answer.read(4096)
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return None
+
+
+def wait_ready(
+    paths: StatePaths,
+    proxy_url: str,
+    procs: list[Proc],
+    *,
+    timeout: float = READY_TIMEOUT_S,
+    tick: Callable[[], None] | None = None,
+) -> None:
+    """Poll `proxy_url`/readyz until it answers 200; `tick` is called about once a second.
+
+    Fails early when one of `procs` exits or the enclave's model fails to load; on timeout,
+    blames the proxy if it never answered /healthz, else the enclave.
+    """
+    context = _tls_context(paths.cert)
+    deadline = time.monotonic() + timeout
+    next_tick = time.monotonic() + 1.0
+    while True:
+        for proc in procs:
+            if not _is_ours(paths, proc.pid):
+                raise StackError(f"{proc.name} exited while the stack was starting", proc.name)
+        if _https_status(f"{proxy_url}/readyz", context) == 200:
+            return
+        # The enclave stays up, unready, when its model cannot load: no point waiting for it.
+        load_error = _model_load_error(paths)
+        if load_error is not None:
+            raise StackError(f"the enclave could not load its model ({load_error})", "enclave")
+        now = time.monotonic()
+        if now > deadline:
+            healthy = _https_status(f"{proxy_url}/healthz", context) == 200
+            culprit = "enclave" if healthy else "proxy"
+            raise StackError(f"not ready after {timeout:.0f} s", culprit)
+        if tick is not None and now >= next_tick:
+            tick()
+            next_tick = now + 1.0
+        time.sleep(0.5)
+
+
+def write_profile(
+    paths: StatePaths,
+    *,
+    proxy_url: str,
+    kms_endpoint: str,
+    key_arn: str,
+    user: AccessKey,
+    attestation_root: Path,
+) -> Path:
+    """DIR/profile.json (0600, it holds the user's secret key): what `chatbot --local` reads."""
+    profile = {
+        "proxy_url": proxy_url,
+        "ca_bundle": str(paths.cert),
+        "attestation_root": str(attestation_root),
+        "kms_endpoint": kms_endpoint,
+        "region": REGION,
+        "key_id": key_arn,
+        "user": {
+            "access_key_id": user.access_key_id,
+            "secret_access_key": user.secret_access_key,
+        },
+    }
+    _write_file(paths.profile, json.dumps(profile, indent=2) + "\n", mode=0o600)
+    return paths.profile
+
+
+def read_profile(paths: StatePaths) -> dict[str, Any]:
+    """DIR/profile.json as written by the last successful `up` (it holds the user's secret)."""
+    try:
+        profile = _read_json(paths.profile)
+    except FileNotFoundError as exc:
+        raise StackError(f"{paths.profile} does not exist; run `nitro-local up`") from exc
+    if not isinstance(profile, dict):
+        raise StackError(f"{paths.profile} must hold an object")
+    return profile
+
+
+def previous_proxy_port(paths: StatePaths) -> int | None:
+    """The port of the last run's proxy, to keep the URL stable across restarts."""
+    try:
+        url = read_profile(paths).get("proxy_url")
+    except StackError:
+        return None
+    port = url.rpartition(":")[2] if isinstance(url, str) else ""
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def _current_run(path: Path) -> list[str]:
+    """The lines of a log since its component last started (the log is appended across runs)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - _MAX_SMALL_FILE))
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(_START_MARK)]
+    return lines[starts[-1] :] if starts else lines
+
+
+def _log_event(line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    """The last lines of a component's current run, only its warnings and errors if it has any.
+
+    Logs carry ids, sizes and timings, never content, so they may be shown.
+    """
+    run = _current_run(path)
+    # Readiness probes fill the log with info lines; what explains a failure is rarer.
+    notable = [line for line in run if _log_event(line).get("level") not in ("info", "debug")]
+    return (notable if len(notable) > 1 else run)[-lines:]
+
+
+def _model_load_error(paths: StatePaths) -> str | None:
+    """The error type the enclave logged when its model failed to load in this run, if it did."""
+    for line in _current_run(paths.log("enclave")):
+        record = _log_event(line)
+        if record.get("event") == "model_load_failed":
+            return str(record.get("error", "error"))
+    return None
+
+
+# ---- the whole stack ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    proxy_url: str
+    kms_endpoint: str
+    profile: Path
+    logs: Path
+    key_arn: str
+
+
+def bring_up(
+    paths: StatePaths,
+    *,
+    model_dir: Path | None = None,
+    progress: Progress | None = None,
+    tick: Callable[[], None] | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Endpoints:
+    """Start every component for DIR (none may be running) and wait until the proxy is ready.
+
+    On failure, stops what it started and raises StackError naming the component to blame.
+    """
+    report = progress or (lambda _line: None)
+    paths.prepare()
+    attestation_root = ensure_ca(paths)
+    principals = ensure_principals(paths)
+    model = ensure_model(paths, model_dir, report)
+    ensure_tls_cert(paths)
+    procs: list[Proc] = []
+    try:
+        report("starting the KMS emulator")
+        kms, kms_endpoint = start_kms(paths)
+        procs.append(kms)
+        admin = kms_client(kms_endpoint, principals.admin)
+        key_arn = _step("kms", "creating the key", lambda: create_or_load_key(paths, admin))
+        write_enclave_config(paths, key_arn=key_arn, model_dir=model, kms_endpoint=kms_endpoint)
+        report("measuring the enclave and pinning the key policy to its PCRs")
+        pcrs = measure_pcrs(paths, model)
+        _step("kms", "setting the key policy", lambda: apply_local_policy(admin, key_arn, pcrs))
+        report("starting the NSM emulator, the enclave server and the parent proxy")
+        procs.append(start_nsm(paths, model))
+        procs.append(start_enclave(paths))
+        write_parent_credentials(paths, principals.parent)
+        port = free_port(previous_proxy_port(paths))
+        proxy_url = f"https://127.0.0.1:{port}"
+        procs.append(start_proxy(paths, port))
+        report("waiting for the enclave to load its model")
+        wait_ready(paths, proxy_url, procs, timeout=ready_timeout, tick=tick)
+    except BaseException:
+        stop_all(paths)
+        raise
+    profile = write_profile(
+        paths,
+        proxy_url=proxy_url,
+        kms_endpoint=kms_endpoint,
+        key_arn=key_arn,
+        user=principals.user,
+        attestation_root=attestation_root,
+    )
+    return Endpoints(proxy_url, kms_endpoint, profile, paths.logs, key_arn)
+
+
+def _step(component: str, what: str, action: Callable[[], Any]) -> Any:
+    """Run a KMS call, turning botocore's errors into a StackError that blames `component`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return action()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise StackError(f"{what} failed: {code}", component) from exc
+    except BotoCoreError as exc:
+        raise StackError(f"{what} failed: {type(exc).__name__}", component) from exc

@@ -1,0 +1,398 @@
+"""Tests of the local stack's building blocks and `nitro-local`: policy, paths, processes, CLI.
+
+They start only stand-in processes (sleepers whose arguments name the state directory); the
+whole stack with real components is tests/e2e's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from emulator import kms_policy, local, stack
+from emulator.local_policy import render_local_policy
+
+pytestmark = pytest.mark.integration
+
+PCRS = {0: bytes([0xAB]) * 48, 1: bytes([0xCD]) * 48, 2: bytes([0xEF]) * 48}
+
+
+# ---- the key policy ----------------------------------------------------------------------------
+
+
+def _policy() -> dict:
+    return render_local_policy(
+        PCRS, admin_arn=stack.ADMIN_ARN, user_arn=stack.USER_ARN, parent_arn=stack.PARENT_ARN
+    )
+
+
+def _allowed(principal: str, action: str, **context: object) -> bool:
+    # The KMS emulator's own evaluator, with the base context its server adds to every call.
+    ctx = {"aws:PrincipalArn": principal, "aws:PrincipalAccount": stack.ACCOUNT_ID, **context}
+    return kms_policy.evaluate(
+        _policy(), principal_arn=principal, action=action, context=ctx
+    ).allowed
+
+
+def _attested(pcrs: dict[int, bytes]) -> dict[str, str]:
+    return {f"kms:RecipientAttestation:PCR{n}": value.hex() for n, value in pcrs.items()}
+
+
+def test_policy_pins_the_parents_decrypt_to_pcr0_to_2_in_lowercase_hex() -> None:
+    (parent,) = [s for s in _policy()["Statement"] if s["Principal"] == {"AWS": stack.PARENT_ARN}]
+    assert parent["Action"] == "kms:Decrypt"
+    assert parent["Condition"] == {
+        "StringEqualsIgnoreCase": {
+            "kms:RecipientAttestation:PCR0": "ab" * 48,
+            "kms:RecipientAttestation:PCR1": "cd" * 48,
+            "kms:RecipientAttestation:PCR2": "ef" * 48,
+        }
+    }
+    assert _allowed(stack.PARENT_ARN, "kms:Decrypt", **_attested(PCRS))
+    upper = {key: value.upper() for key, value in _attested(PCRS).items()}
+    assert _allowed(stack.PARENT_ARN, "kms:Decrypt", **upper)
+
+
+def test_policy_refuses_decrypt_without_attestation_or_with_another_image() -> None:
+    assert not _allowed(stack.PARENT_ARN, "kms:Decrypt")
+    for n in (0, 1, 2):
+        tampered = {**PCRS, n: bytes(48)}
+        assert not _allowed(stack.PARENT_ARN, "kms:Decrypt", **_attested(tampered)), n
+    for action in ("kms:GenerateDataKey", "kms:PutKeyPolicy", "kms:Encrypt", "kms:CreateGrant"):
+        assert not _allowed(stack.PARENT_ARN, action, **_attested(PCRS)), action
+
+
+def test_policy_lets_the_user_only_wrap_keys_for_this_app() -> None:
+    app = {"kms:EncryptionContext:app": "nitro-llm"}
+    assert _allowed(stack.USER_ARN, "kms:GenerateDataKey", **app)
+    assert _allowed(stack.USER_ARN, "kms:DescribeKey")
+    assert not _allowed(stack.USER_ARN, "kms:GenerateDataKey", **{"kms:EncryptionContext:app": "x"})
+    assert not _allowed(stack.USER_ARN, "kms:GenerateDataKey")
+    for action in ("kms:Decrypt", "kms:PutKeyPolicy", "kms:Encrypt", "kms:ReEncryptFrom"):
+        assert not _allowed(stack.USER_ARN, action, **app, **_attested(PCRS)), action
+
+
+def test_policy_lets_the_admin_manage_but_never_use_the_key() -> None:
+    for action in ("kms:PutKeyPolicy", "kms:GetKeyPolicy", "kms:DescribeKey", "kms:CreateAlias"):
+        assert _allowed(stack.ADMIN_ARN, action), action
+    for action in ("kms:Decrypt", "kms:GenerateDataKey", "kms:CreateGrant", "kms:ReEncryptTo"):
+        assert not _allowed(stack.ADMIN_ARN, action, **_attested(PCRS)), action
+    actions = [s["Action"] for s in _policy()["Statement"]]
+    flat = [a for group in actions for a in ([group] if isinstance(group, str) else group)]
+    assert not {"*", "kms:*"} & set(flat)
+
+
+def test_policy_needs_all_three_pcrs() -> None:
+    with pytest.raises(ValueError, match="PCR2"):
+        render_local_policy({0: PCRS[0], 1: PCRS[1]}, admin_arn="a", user_arn="u", parent_arn="p")
+    with pytest.raises(ValueError, match="48 bytes"):
+        render_local_policy({**PCRS, 1: b"short"}, admin_arn="a", user_arn="u", parent_arn="p")
+
+
+# ---- state paths and files ---------------------------------------------------------------------
+
+
+def test_short_state_dir_keeps_sockets_under_run(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path / "state")
+    paths.prepare()
+    assert paths.enclave_socket == paths.root / "run" / "enclave.sock"
+    recorded = json.loads(paths.sockets_file.read_text())
+    assert recorded == {"nsm": str(paths.nsm_socket), "enclave": str(paths.enclave_socket)}
+    assert stat.S_IMODE(paths.root.stat().st_mode) == 0o700
+
+
+def test_long_state_dir_moves_sockets_to_a_short_private_dir_under_tmp(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path / ("d" * 120))
+    try:
+        paths.prepare()
+        for sock in (paths.nsm_socket, paths.enclave_socket):
+            assert len(os.fsencode(sock)) < stack.MAX_SOCKET_PATH
+            assert sock.parent.parent == Path("/tmp") and sock.parent.name.startswith("nitro-")
+        assert stat.S_IMODE(paths.socket_dir.stat().st_mode) == 0o700
+        recorded = json.loads(paths.sockets_file.read_text())
+        assert recorded["enclave"] == str(paths.enclave_socket)
+        # Derived from DIR: the same DIR always finds the same sockets, another DIR others.
+        assert stack.StatePaths(paths.root).socket_dir == paths.socket_dir
+        assert stack.StatePaths(tmp_path / ("e" * 120)).socket_dir != paths.socket_dir
+        stack.stop_all(paths)
+        assert not paths.socket_dir.exists()
+    finally:
+        shutil.rmtree(paths.socket_dir, ignore_errors=True)
+
+
+def test_principals_are_created_once_with_aws_shaped_keys(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    first = stack.ensure_principals(paths)
+    again = stack.ensure_principals(paths)
+    assert first == again
+    keys = [first.admin, first.user, first.parent]
+    assert [k.arn for k in keys] == [stack.ADMIN_ARN, stack.USER_ARN, stack.PARENT_ARN]
+    for key in keys:
+        assert key.access_key_id.startswith("AKIA") and len(key.access_key_id) == 20
+        assert len(key.secret_access_key) == 40
+        assert key.secret_access_key not in repr(key)
+    assert len({k.access_key_id for k in keys}) == 3
+    assert stat.S_IMODE(paths.principals.stat().st_mode) == 0o600
+    table = json.loads(paths.principals.read_text())
+    assert table[first.parent.access_key_id] == {
+        "secret_access_key": first.parent.secret_access_key,
+        "arn": stack.PARENT_ARN,
+    }
+
+
+def test_tls_certificate_names_loopback_and_is_made_once(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    stack.ensure_tls_cert(paths)
+    pem = paths.cert.read_bytes()
+    cert = x509.load_pem_x509_certificate(pem)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert stat.S_IMODE(paths.tls_key.stat().st_mode) == 0o600
+    stack.ensure_tls_cert(paths)
+    assert paths.cert.read_bytes() == pem
+
+
+def test_profile_has_exactly_the_documented_fields_and_mode_0600(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    user = stack.ensure_principals(paths).user
+    stack.write_profile(
+        paths,
+        proxy_url="https://127.0.0.1:5001",
+        kms_endpoint="http://127.0.0.1:4000",
+        key_arn="arn:aws:kms:us-east-1:111122223333:key/k",
+        user=user,
+        attestation_root=paths.ca_dir / "root.pem",
+    )
+    profile = json.loads(paths.profile.read_text())
+    assert set(profile) == {
+        "proxy_url",
+        "ca_bundle",
+        "attestation_root",
+        "kms_endpoint",
+        "region",
+        "key_id",
+        "user",
+    }
+    assert profile["user"] == {
+        "access_key_id": user.access_key_id,
+        "secret_access_key": user.secret_access_key,
+    }
+    assert profile["ca_bundle"] == str(paths.cert) and profile["region"] == "us-east-1"
+    assert stat.S_IMODE(paths.profile.stat().st_mode) == 0o600
+    assert stack.previous_proxy_port(paths) == 5001
+
+
+# ---- processes and the CLI ---------------------------------------------------------------------
+
+
+def _sleeper(paths: stack.StatePaths, name: str, code: str = "") -> stack.Proc:
+    # Its last argument names DIR, as every real component's arguments do.
+    script = f"import time\n{code}\ntime.sleep(60)"
+    return stack.spawn(paths, name, [sys.executable, "-c", script, str(paths.root)])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_status_on_an_empty_dir_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert local.main(["status", "--state-dir", str(tmp_path / "never-used")]) == 3
+    out = capsys.readouterr().out
+    for name in stack.COMPONENTS:
+        assert f"{name:<8}  stopped" in out
+    assert not (tmp_path / "never-used").exists()
+
+
+def test_down_on_an_empty_dir_is_a_clean_no_op(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "emulator.local", "down", "--state-dir", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "nothing running" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_down_never_touches_a_pid_that_is_not_this_dirs(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    # A stale pid file naming a live process that is not ours (this very test).
+    paths.pid_file("enclave").write_text(f"{os.getpid()}\n")
+    assert stack.status(paths)["enclave"] is None
+    assert stack.stop_all(paths) == []
+    assert not paths.pid_file("enclave").exists()
+
+
+def test_status_and_down_follow_running_components(tmp_path: Path, capsys) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    procs = [_sleeper(paths, name) for name in stack.COMPONENTS]
+    paths.enclave_socket.write_text("")  # stands for a socket the enclave left
+    assert local.main(["status", "--state-dir", str(tmp_path)]) == 0
+    assert f"running (pid {procs[0].pid})" in capsys.readouterr().out
+    assert local.main(["down", "--state-dir", str(tmp_path)]) == 0
+    said = capsys.readouterr().err
+    assert said.index("proxy") < said.index("enclave") < said.index("nsm") < said.index("kms")
+    assert all(_gone(proc.pid) for proc in procs)
+    assert not any(paths.pid_file(name).exists() for name in stack.COMPONENTS)
+    assert not paths.enclave_socket.exists()
+    assert local.main(["status", "--state-dir", str(tmp_path)]) == 3
+
+
+def test_stop_kills_a_group_that_ignores_sigterm(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    child_pid_file = tmp_path / "child.pid"
+    stubborn = (
+        "import signal, subprocess, sys\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        f"open({str(child_pid_file)!r}, 'w').write(str(child.pid))\n"
+    )
+    proc = _sleeper(paths, "proxy", stubborn)
+    deadline = time.monotonic() + 20
+    while not child_pid_file.exists() or not child_pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(child_pid_file.read_text())
+    started = time.monotonic()
+    assert [p.pid for p in stack.stop_all(paths, timeout=1.0)] == [proc.pid]
+    assert time.monotonic() - started < 5
+    assert _gone(proc.pid)
+    assert _wait_gone(child)  # reparented to init, which reaps it
+
+
+def test_up_when_everything_runs_changes_nothing(tmp_path: Path, capsys) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    procs = [_sleeper(paths, name) for name in stack.COMPONENTS]
+    try:
+        before = {name: paths.pid_file(name).read_text() for name in stack.COMPONENTS}
+        assert local.main(["up", "--state-dir", str(tmp_path)]) == 0
+        assert "already running" in capsys.readouterr().err
+        assert {name: paths.pid_file(name).read_text() for name in stack.COMPONENTS} == before
+        assert not paths.principals.exists()  # nothing was set up
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _wait_gone(proc.pid)
+
+
+def test_up_refuses_a_model_dir_without_a_model_and_starts_nothing(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    state = tmp_path / "state"
+    assert local.main(["up", "--state-dir", str(state), "--model-dir", str(empty)]) == 1
+    assert "holds no model" in capsys.readouterr().err
+    assert stack.status(stack.StatePaths(state)) == dict.fromkeys(stack.COMPONENTS)
+    assert not list((state / "run").glob("*.pid"))
+
+
+# ---- logs on failure -----------------------------------------------------------------------------
+
+
+def _log_line(level: str, event: str, **fields: object) -> str:
+    return json.dumps({"level": level, "component": "enclave", "event": event, **fields})
+
+
+def test_tail_shows_this_runs_warnings_and_errors_only(tmp_path: Path) -> None:
+    log = tmp_path / "enclave.log"
+    lines = [
+        "--- nitro-local: starting enclave at earlier",
+        _log_line("error", "old_failure"),
+        "--- nitro-local: starting enclave at now",
+        *[_log_line("info", "request", kind="ready") for _ in range(50)],
+        _log_line("error", "model_load_failed", error="OSError"),
+        _log_line("info", "request", kind="ready"),
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    shown = stack.tail(log)
+    assert shown == [lines[2], lines[-2]]
+    log.write_text("\n".join(lines[2:5]) + "\n")  # nothing notable: the plain last lines
+    assert stack.tail(log, lines=2) == lines[3:5]
+    assert stack.tail(tmp_path / "missing.log") == []
+
+
+def test_wait_ready_stops_waiting_when_the_model_cannot_load(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    stack.ensure_tls_cert(paths)
+    paths.log("enclave").write_text(
+        "--- nitro-local: starting enclave at now\n"
+        + _log_line("error", "model_load_failed", error="FileNotFoundError")
+        + "\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(stack.StackError, match="FileNotFoundError") as caught:
+        stack.wait_ready(paths, f"https://127.0.0.1:{stack.free_port()}", [], timeout=30)
+    assert caught.value.component == "enclave"
+    assert time.monotonic() - started < 10
+
+
+def test_model_is_built_once_and_never_half(tmp_path: Path, monkeypatch) -> None:
+    from emulator import tiny_model
+
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    builds = []
+
+    def failing_build(out_dir: Path, progress=None) -> Path:
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", failing_build)
+    with pytest.raises(RuntimeError):
+        stack.ensure_model(paths)
+    assert not paths.default_model_dir.exists()
+    assert not list(tmp_path.glob(".model-*"))
+
+    def build(out_dir: Path, progress=None) -> Path:
+        builds.append(out_dir)
+        progress("step 1/1")
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", build)
+    said: list[str] = []
+    assert stack.ensure_model(paths, progress=said.append) == paths.default_model_dir
+    assert stack.ensure_model(paths) == paths.default_model_dir
+    assert len(builds) == 1 and "step 1/1" in said
+    assert (paths.default_model_dir / "config.json").is_file()
