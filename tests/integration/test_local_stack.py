@@ -1,0 +1,350 @@
+"""The whole flow from a terminal: `nitro-local up`, the chatbot CLI and library, `down`.
+
+Everything runs as the user runs it: console scripts in subprocesses, the proxy under gunicorn
+with TLS, the enclave server on a unix socket, KMS and the NSM emulated on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chatbot.client import SecureChatClient
+from chatbot.profile import ClientSettings, load_profile
+from emulator import stack
+from protocol.errors import ErrorCode
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+QUESTION = "How do I enroll in the retirement plan?"
+
+
+def run(*argv: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
+    return subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@dataclass
+class Stack:
+    root: Path
+    paths: stack.StatePaths
+    pids: dict[str, int]
+    up_output: str
+
+    def kms_calls(self, operation: str) -> int:
+        lines = self.paths.log("kms").read_text().splitlines()
+        return sum(
+            1 for line in lines if line.startswith("{") and f'"operation":"{operation}"' in line
+        )
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack") / "state"
+    paths = stack.StatePaths(root)
+    try:
+        started = time.monotonic()
+        up = run("nitro-local", "up", "--state-dir", str(root), "--model-dir", str(tiny_model_dir))
+        assert up.returncode == 0, up.stderr[-3000:]
+        print(f"nitro-local up: {time.monotonic() - started:.1f} s")
+        pids = {name: pid for name, pid in stack.status(paths).items() if pid is not None}
+        assert set(pids) == set(stack.COMPONENTS)
+        yield Stack(root, paths, pids, up.stdout + up.stderr)
+    finally:
+        run("nitro-local", "down", "--state-dir", str(root))
+
+
+# ---- up ----------------------------------------------------------------------------------------
+
+
+def test_up_prints_endpoints_and_the_local_mode_caveat(local: Stack) -> None:
+    assert "https://127.0.0.1:" in local.up_output
+    assert "no isolation" in local.up_output
+    profile = json.loads(local.paths.profile.read_text())
+    assert profile["proxy_url"].startswith("https://127.0.0.1:")
+    assert profile["kms_endpoint"].startswith("http://127.0.0.1:")
+    for pem in ("ca_bundle", "attestation_root"):
+        assert Path(profile[pem]).is_absolute() and Path(profile[pem]).is_file()
+    assert {"access_key_id", "secret_access_key"} <= profile["user"].keys()
+    assert profile["key_id"].startswith("arn:aws:kms:us-east-1:111122223333:key/")
+    # The parent's keys are elsewhere, and only its owner may read them.
+    parent = json.loads(local.paths.parent_credentials.read_text())["credentials"]
+    assert parent["access_key_id"] != profile["user"]["access_key_id"]
+    assert local.paths.parent_credentials.stat().st_mode & 0o077 == 0
+
+
+def test_status_says_what_runs_and_up_again_changes_nothing(local: Stack) -> None:
+    status = run("nitro-local", "status", "--state-dir", str(local.root))
+    assert status.returncode == 0
+    assert all(f"running (pid {pid})" in status.stdout for pid in local.pids.values())
+    again = run("nitro-local", "up", "--state-dir", str(local.root))
+    assert again.returncode == 0
+    assert "already running" in again.stderr
+    assert stack.status(local.paths) == local.pids
+
+
+# ---- asking ------------------------------------------------------------------------------------
+
+
+def test_cli_ask_prints_the_answer_with_options_before_or_after(local: Stack) -> None:
+    started = time.monotonic()
+    before = run("chatbot", "--local", "--state-dir", str(local.root), "ask", QUESTION)
+    print(f"one question through the CLI: {time.monotonic() - started:.2f} s")
+    assert before.returncode == 0, before.stderr
+    assert len(before.stdout.strip()) > 10
+    after = run("chatbot", "ask", QUESTION, "--local", "--state-dir", str(local.root))
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout  # greedy decoding: the same question, the same answer
+    assert "Traceback" not in before.stderr + after.stderr
+
+
+def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Stack) -> None:
+    with SecureChatClient.from_profile(local.root) as client:
+        answer = client.ask(QUESTION)
+        assert answer.text.strip() and answer.completion_tokens >= 1
+
+        wraps, unwraps = local.kms_calls("GenerateDataKey"), local.kms_calls("Decrypt")
+        conversation = client.conversation()
+        first = conversation.ask("What is a 401(k) plan?")
+        session = conversation.session
+        second = conversation.ask("Can I change my contribution later?")
+        assert first.text.strip() and second.text.strip()
+        assert [q for q, _ in conversation.history] == [
+            "What is a 401(k) plan?",
+            "Can I change my contribution later?",
+        ]
+        assert conversation.session == session
+        # One data key for the conversation: one wrap by the client, one unwrap by the enclave.
+        assert local.kms_calls("GenerateDataKey") == wraps + 1
+        assert local.kms_calls("Decrypt") == unwraps + 1
+
+
+def test_interactive_cli_keeps_a_conversation(local: Stack) -> None:
+    chat = run(
+        "chatbot",
+        "--local",
+        "--state-dir",
+        str(local.root),
+        stdin="What is a 401(k) plan?\nCan I change my contribution later?\n/quit\n",
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("you> ") >= 2
+    assert "kept in memory only" in chat.stderr
+    assert "error:" not in chat.stderr
+
+
+def test_a_failure_is_one_error_line_not_a_traceback(local: Stack, tmp_path: Path) -> None:
+    profile = json.loads(local.paths.profile.read_text())
+    profile["key_id"] = profile["key_id"][:-4] + "0000"  # a key KMS does not have
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    failed = run("chatbot", "--local", "--state-dir", str(tmp_path), "ask", QUESTION)
+    assert failed.returncode != 0
+    lines = failed.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == [
+        "error: kms_error: " + ErrorCode.KMS_ERROR.client_text
+    ]
+    assert "Traceback" not in failed.stderr
+
+
+# ---- bad input at the proxy --------------------------------------------------------------------
+
+
+def _post(url: str, ca: str, body: bytes, method: str = "POST") -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": "application/json"}
+    )
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)),
+    )
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.parametrize(
+    ("body", "method", "status", "code"),
+    [
+        (b"not json", "POST", 400, "bad_request"),
+        (b'{"v": 2, "key": 5}', "POST", 400, "bad_request"),
+        (b'{"v": 2, "surprise": true}', "POST", 400, "bad_request"),
+        (b'{"v": 1}', "POST", 400, "unsupported_version"),
+        (b"[" + b" " * (300 * 1024) + b"]", "POST", 413, "payload_too_large"),
+        (b"", "GET", 405, "method_not_allowed"),
+    ],
+)
+def test_bad_input_at_the_proxy_is_a_4xx_and_the_next_question_is_answered(
+    local: Stack, body: bytes, method: str, status: int, code: str
+) -> None:
+    profile = json.loads(local.paths.profile.read_text())
+    got, answer = _post(profile["proxy_url"] + "/v1/chat", profile["ca_bundle"], body, method)
+    assert (got, answer["error"]["code"]) == (status, code)
+    with SecureChatClient.from_profile(local.root) as client:
+        assert client.ask("What is a pension?", max_new_tokens=8).text.strip()
+
+
+# ---- the leak test -----------------------------------------------------------------------------
+
+
+class Tap:
+    """A unix-socket relay between a proxy and the enclave that records every byte it passes."""
+
+    def __init__(self, listen: Path, upstream: Path) -> None:
+        self.listen, self.upstream = listen, upstream
+        self.seen = bytearray()
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(listen))
+        self._server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self._server.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(str(self.upstream))
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                with self._lock:
+                    self.seen += data
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
+    local: Stack, tmp_path: Path
+) -> None:
+    paths = local.paths
+    tap = Tap(paths.socket_dir / "tap.sock", paths.enclave_socket)
+    port = stack.free_port()
+    output = tmp_path / "proxy-output.txt"
+    with open(output, "wb") as out:
+        proxy = subprocess.Popen(
+            [
+                str(BIN / "parent-proxy"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--enclave",
+                f"unix://{tap.listen}",
+                "--certfile",
+                str(paths.cert),
+                "--keyfile",
+                str(paths.tls_key),
+                "--credentials-file",
+                str(paths.parent_credentials),
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        profile = load_profile(local.root)
+        url = f"https://127.0.0.1:{port}"
+        settings = ClientSettings(
+            proxy_url=url,
+            key_id=profile.settings.key_id,
+            region=profile.settings.region,
+            ca_bundle=profile.settings.ca_bundle,
+            kms_endpoint=profile.settings.kms_endpoint,
+        )
+        _wait_healthy(url, profile.settings.ca_bundle)
+        canary = f"canary-{secrets.token_hex(8)}"
+        question = f"How do I enroll in the retirement plan? {canary}"
+        with SecureChatClient.from_settings(settings, profile.credentials) as client:
+            answer = client.ask(question).text.strip()
+            streamed = "".join(client.conversation().stream(question)).strip()
+        assert len(answer) >= 12 and streamed == answer
+        relayed = bytes(tap.seen)
+        assert len(relayed) > 1000, "the tap saw no traffic: the test would prove nothing"
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        tap.close()
+
+    secrets_ = [canary.encode(), question.encode(), answer.encode()]
+    places = {"relayed bytes": relayed, "proxy output": output.read_bytes()}
+    for path in paths.root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            places[str(path.relative_to(paths.root))] = path.read_bytes()
+    assert "logs/proxy.log" in places and "logs/enclave.log" in places
+    for where, data in places.items():
+        for secret in secrets_:
+            assert secret not in data, f"{where} holds the canary question or its answer"
+
+
+def _wait_healthy(url: str, ca: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if _post(url + "/healthz", ca, b"", "GET")[0] == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the tapped proxy never answered /healthz")
+
+
+# ---- down (last) -------------------------------------------------------------------------------
+
+
+def test_zz_down_leaves_no_process_of_the_stack(local: Stack) -> None:
+    down = run("nitro-local", "down", "--state-dir", str(local.root))
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in local.pids.values()):
+        time.sleep(0.1)
+    assert not [name for name, pid in local.pids.items() if _alive(pid)]
+    # Nor any other process started from this state directory (gunicorn's workers too).
+    assert not _processes_mentioning(str(local.root))
+    status = run("nitro-local", "status", "--state-dir", str(local.root))
+    assert status.returncode == 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
