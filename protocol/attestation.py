@@ -2,14 +2,15 @@
 
 A document is a COSE_Sign1 (RFC 9052) signed with ES384 by the NSM; docs/wire.md section 11 and
 DESIGN.md "Attestation" are the contract. One `verify` serves the chatbot and the KMS emulator.
+
+Every failure is an AttestationError whose `check` is one of the stable names in `CHECKS`
+(`pcr<n>` stands for pcr0 ... pcr31): callers, tests and people can tell the failures apart.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import hmac
-import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID
 
 from protocol.errors import ErrorCode, NitroError
+from protocol.strict_cbor import StrictCborError, decode_one
 
 # Bounds. A real document is about 4.5 KiB; the per-field limits are the NSM's own (its API
 # refuses larger public_key/user_data/nonce, and its CDDL caps certificates at 1024 bytes).
@@ -71,9 +73,40 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # (RFC 5280 4.2), since we would be ignoring a constraint its issuer meant to impose.
 _KNOWN_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 
+# The stable names of the checks, in the order `verify` makes them, and what each failure means.
+# They are part of the interface (the CLI prints them, scripts may match on them): add, never
+# rename.
+CHECKS: dict[str, str] = {
+    "size": "the document, or one of its fields, is larger than the NSM ever produces",
+    "cbor": "the bytes are not one well-formed CBOR item (truncated, trailing bytes, "
+    "indefinite lengths, duplicate keys, or a CBOR tag other than the outer COSE tag 18)",
+    "format": "well-formed CBOR of the wrong shape (not a COSE_Sign1 array, a missing, unknown "
+    "or mistyped field, an unprotected header, a certificate that is not DER)",
+    "algorithm": "the COSE protected header does not name ES384 (alg -35)",
+    "root": "the CA bundle does not start with the pinned root certificate",
+    "chain": "the certificates do not chain from the root to the leaf (signature, CA "
+    "constraints, key usage, path length, unknown critical extension)",
+    "not_yet_valid": "a certificate is not yet valid at the verification time",
+    "expired": "a certificate has expired at the verification time",
+    "signature": "the COSE signature does not verify with the leaf certificate's key",
+    "pcr<n>": "PCR n differs from the expected value (or is absent)",
+    "debug": "the enclave runs in debug mode (PCR0, PCR1 and PCR2 all zero) and the policy "
+    "does not allow it",
+    "nonce": "the document does not carry the expected nonce",
+    "stale": "the document is older than the maximum age, or dated in the future",
+    "public_key": "the document does not carry the expected public key",
+}
+
+
+def describe_check(check: str) -> str:
+    """What a failed check means, for a person (`pcr3` is described by the `pcr<n>` entry)."""
+    if check.startswith("pcr") and check[3:].isdigit():
+        return CHECKS["pcr<n>"].replace("PCR n", f"PCR{check[3:]}")
+    return CHECKS.get(check, "unknown check")
+
 
 class AttestationError(NitroError):
-    """A document that failed a check; `check` names it ("format", "root", "chain", "pcr3"...)."""
+    """A document that failed a check; `check` is its name in CHECKS ("root", "pcr3"...)."""
 
     def __init__(self, check: str, detail: str) -> None:
         super().__init__(ErrorCode.ATTESTATION_INVALID, f"{check}: {detail}")
@@ -139,51 +172,21 @@ class AttestationPolicy:
 # ---- parsing ---------------------------------------------------------------------------------
 
 
-def _refuse_tag(*_args: Any) -> NoReturn:
-    raise ValueError("CBOR tags are not allowed here")
-
-
-class _NoSemanticTags(collections.abc.Mapping):
-    """Maps every tag to a refusal, so that cbor2 turns no tag (bignum, date...) into a value."""
-
-    def __getitem__(self, tag: int) -> Any:
-        return _refuse_tag
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 def _cbor_loads(data: bytes, what: str) -> Any:
     """Decode exactly one definite-length, tag-free CBOR item filling `data`."""
-    stream = io.BytesIO(data)
     try:
-        decoder = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NoSemanticTags(),
-            max_depth=8,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
-        value = decoder.decode()
-    # cbor2 reports malformed input with many exception types (CBORDecodeError, ValueError,
-    # TypeError for unhashable keys, OverflowError, RecursionError...); all mean "malformed".
-    except Exception as exc:
-        raise AttestationError("format", f"{what} is not valid CBOR") from exc
-    if stream.tell() != len(data):
-        _fail("format", f"{what} has trailing bytes")
-    return value
+        return decode_one(data)
+    except StrictCborError as exc:
+        raise AttestationError("cbor", f"{what} is not strict CBOR ({exc})") from exc
 
 
 def _bstr(value: Any, name: str, max_size: int, min_size: int = 0) -> bytes:
-    if type(value) is not bytes or not min_size <= len(value) <= max_size:
-        _fail("format", f"{name} must be a byte string of {min_size} to {max_size} bytes")
+    if type(value) is not bytes:
+        _fail("format", f"{name} must be a byte string")
+    if len(value) > max_size:
+        _fail("size", f"{name} is {len(value)} bytes, more than {max_size}")
+    if len(value) < min_size:
+        _fail("format", f"{name} must be at least {min_size} byte(s)")
     return value
 
 
@@ -193,8 +196,10 @@ def _optional_bstr(payload: dict, name: str) -> bytes | None:
 
 
 def _parse_pcrs(value: Any) -> dict[int, bytes]:
-    if type(value) is not dict or not 1 <= len(value) <= MAX_PCRS:
-        _fail("format", f"pcrs must be a map of 1 to {MAX_PCRS} entries")
+    if type(value) is not dict or not value:
+        _fail("format", "pcrs must be a non-empty map")
+    if len(value) > MAX_PCRS:
+        _fail("size", f"pcrs has {len(value)} entries, more than {MAX_PCRS}")
     pcrs: dict[int, bytes] = {}
     for index, digest in value.items():
         if type(index) is not int or not 0 <= index < MAX_PCRS:
@@ -233,16 +238,20 @@ def _from_parts(
         _fail("format", f"the payload lacks {', '.join(sorted(missing))}")
 
     module_id = fields["module_id"]
-    if type(module_id) is not str or not 0 < len(module_id) <= MAX_MODULE_ID_CHARS:
+    if type(module_id) is not str or not module_id:
         _fail("format", "module_id must be a non-empty text string")
+    if len(module_id) > MAX_MODULE_ID_CHARS:
+        _fail("size", f"module_id is longer than {MAX_MODULE_ID_CHARS} characters")
     if fields["digest"] != "SHA384" or type(fields["digest"]) is not str:
         _fail("format", 'digest must be "SHA384"')
     timestamp = fields["timestamp"]
     if type(timestamp) is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS:
         _fail("format", "timestamp must be an unsigned integer of milliseconds")
     cabundle = fields["cabundle"]
-    if type(cabundle) is not list or not 1 <= len(cabundle) <= MAX_CABUNDLE:
-        _fail("format", f"cabundle must be an array of 1 to {MAX_CABUNDLE} certificates")
+    if type(cabundle) is not list or not cabundle:
+        _fail("format", "cabundle must be a non-empty array of certificates")
+    if len(cabundle) > MAX_CABUNDLE:
+        _fail("size", f"cabundle has {len(cabundle)} certificates, more than {MAX_CABUNDLE}")
 
     return AttestationDocument(
         module_id=module_id,
@@ -269,8 +278,10 @@ def parse(data: bytes) -> AttestationDocument:
     if not isinstance(data, bytes | bytearray | memoryview):
         _fail("format", "the document must be bytes")
     data = bytes(data)
-    if not 0 < len(data) <= MAX_DOCUMENT_SIZE:
-        _fail("format", f"the document must be 1 to {MAX_DOCUMENT_SIZE} bytes")
+    if len(data) > MAX_DOCUMENT_SIZE:
+        _fail("size", f"the document is {len(data)} bytes, more than {MAX_DOCUMENT_SIZE}")
+    if not data:
+        _fail("cbor", "the document is empty")
     # Tag 18 (one byte, 0xd2) is the only tag accepted anywhere; strip it by hand so that the
     # decoder can refuse every tag.
     if data[0] == 0xD2:
@@ -326,7 +337,8 @@ def _check_chain(certs: list[x509.Certificate]) -> None:
         usage = _extension(certs[-1], x509.KeyUsage)
         if usage is None or not usage.digital_signature:
             _fail("chain", "the leaf certificate may not sign")
-    except ValueError as exc:  # cryptography parses extensions lazily; a bad one raises here
+    # cryptography parses extensions lazily: a malformed or repeated one raises here.
+    except (ValueError, x509.DuplicateExtension) as exc:
         raise AttestationError("chain", "a certificate has a malformed extension") from exc
 
 
@@ -390,8 +402,9 @@ def _check_policy(document: AttestationDocument, policy: AttestationPolicy, at: 
 def verify(document: bytes | AttestationDocument, policy: AttestationPolicy) -> AttestationDocument:
     """Verify a document against a pinned root and a policy; returns it or raises AttestationError.
 
-    Checks, in order: format, root, chain, expired/not_yet_valid, signature, then the policy
-    (pcr<N>, debug, nonce, stale, public_key). `AttestationError.check` names the one that failed.
+    Checks, in order: size/cbor/format/algorithm (parsing), root, chain, not_yet_valid/expired,
+    signature, then the policy (pcr<n>, debug, nonce, stale, public_key). The first failure
+    raises; `AttestationError.check` names it (see CHECKS).
     """
     if isinstance(document, AttestationDocument):
         # Re-derive every field from the signed bytes: the object's fields could disagree.

@@ -6,16 +6,14 @@ The encoding is serde_cbor's, as in AWS's aws-nitro-enclaves-nsm-api crate (docs
 
 from __future__ import annotations
 
-import collections.abc
 import enum
-import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import cbor2
 
 from protocol.errors import ErrorCode, NitroError
+from protocol.strict_cbor import StrictCborError, decode_one
 
 # The NSM's own limits (nsm-api's driver and the kernel's nsm.c).
 MAX_USER_DATA = 512
@@ -320,26 +318,6 @@ _FIELDS: dict[type, tuple[str, ...]] = {
 # ---- CBOR -------------------------------------------------------------------------------------
 
 
-def _refuse_tag(*_args: Any) -> NoReturn:
-    raise ValueError("CBOR tags are not used by the NSM")
-
-
-class _NoSemanticTags(collections.abc.Mapping):
-    """Maps every tag to a refusal, so that cbor2 turns no tag (bignum, date...) into a value."""
-
-    def __getitem__(self, tag: int) -> Any:
-        return _refuse_tag
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 def _loads(data: Any, what: str, max_size: int) -> Any:
     """Decode exactly one definite-length, tag-free CBOR item filling `data`."""
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -351,23 +329,12 @@ def _loads(data: Any, what: str, max_size: int) -> Any:
         _invalid(
             f"the {what} is {len(data)} bytes, more than {max_size}", NsmErrorCode.INPUT_TOO_LARGE
         )
-    stream = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NoSemanticTags(),
-            max_depth=8,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        ).decode()
-    # cbor2 reports malformed input with many exception types (CBORDecodeError, ValueError,
-    # TypeError for unhashable keys, OverflowError, RecursionError...); all mean "malformed".
-    except Exception as exc:
-        raise NsmError(f"the {what} is not valid CBOR", NsmErrorCode.INVALID_ARGUMENT) from exc
-    if stream.tell() != len(data):
-        _invalid(f"the {what} has trailing bytes")
-    return value
+        return decode_one(data)
+    except StrictCborError as exc:
+        raise NsmError(
+            f"the {what} is not strict CBOR ({exc})", NsmErrorCode.INVALID_ARGUMENT
+        ) from exc
 
 
 def _dumps(value: Any, what: str, max_size: int) -> bytes:
