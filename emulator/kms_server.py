@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from emulator import kms_policy
 from emulator.kms_store import (
+    Grant,
     KeyRecord,
     KmsError,
     KmsStore,
@@ -55,6 +56,13 @@ MIN_RSA_BITS = 2048
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
 _ACCOUNT_ID = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+_GRANTEE = re.compile(r"^(\d{12}|arn:aws[a-z-]*:(iam|sts)::\d{12}:[\w+=,.@/:-]+)$")
+_GRANT_NAME = re.compile(r"^[a-zA-Z0-9:/_-]+$")
+# What a grant on a symmetric encryption key may allow (AWS's list, less asymmetric-only ones).
+GRANT_OPERATIONS = frozenset(
+    {"Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext"}
+    | {"ReEncryptFrom", "ReEncryptTo", "CreateGrant", "RetireGrant", "DescribeKey"}
+)
 
 log = logging.getLogger("kms-emulator")
 
@@ -147,20 +155,18 @@ class _Params:
             raise _error("ValidationException", f"{name} must be an integer from {low} to {high}")
         return value
 
-    def context(self) -> dict[str, str]:
-        value = self.body.get("EncryptionContext", {})
+    def context(self, name: str = "EncryptionContext") -> dict[str, str]:
+        value = self.body.get(name, {})
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
         ):
-            raise _error(
-                "ValidationException", "EncryptionContext must map non-empty strings to strings"
-            )
+            raise _error("ValidationException", f"{name} must map non-empty strings to strings")
         try:
             size = len(canonical_context(value))
         except UnicodeEncodeError:  # lone surrogates ("\ud800") are valid JSON, not UTF-8
-            raise _error("ValidationException", "EncryptionContext must be valid Unicode") from None
+            raise _error("ValidationException", f"{name} must be valid Unicode") from None
         if size > 8192:
-            raise _error("ValidationException", "EncryptionContext is too large")
+            raise _error("ValidationException", f"{name} is too large")
         return value
 
     def grant_tokens(self) -> None:
@@ -170,10 +176,10 @@ class _Params:
         if not all(isinstance(item, str) and 0 < len(item) <= 8192 for item in value):
             raise _error("ValidationException", "GrantTokens must be non-empty strings")
 
-    def symmetric_algorithm(self) -> None:
-        algorithm = self.string("EncryptionAlgorithm", max_len=64)
+    def symmetric_algorithm(self, name: str = "EncryptionAlgorithm") -> None:
+        algorithm = self.string(name, max_len=64)
         if algorithm not in (None, "SYMMETRIC_DEFAULT"):
-            raise _error("ValidationException", "EncryptionAlgorithm must be SYMMETRIC_DEFAULT")
+            raise _error("ValidationException", f"{name} must be SYMMETRIC_DEFAULT")
 
 
 def _decode_blob(name: str, value: Any, max_len: int) -> bytes:
@@ -240,6 +246,10 @@ class KmsService:
             "PutKeyPolicy": self.put_key_policy,
             "ListAliases": self.list_aliases,
             "ListKeys": self.list_keys,
+            "ReEncrypt": self.re_encrypt,
+            "CreateGrant": self.create_grant,
+            "ListGrants": self.list_grants,
+            "RevokeGrant": self.revoke_grant,
         }
         self._allowed = {
             "CreateKey": frozenset(
@@ -267,6 +277,17 @@ class KmsService:
             ),
             "ListAliases": frozenset({"KeyId", "Limit", "Marker"}),
             "ListKeys": frozenset({"Limit", "Marker"}),
+            "ReEncrypt": frozenset(
+                {"CiphertextBlob", "SourceEncryptionContext", "SourceKeyId", "DestinationKeyId"}
+                | {"DestinationEncryptionContext", "SourceEncryptionAlgorithm"}
+                | {"DestinationEncryptionAlgorithm", "GrantTokens", "DryRun"}
+            ),
+            "CreateGrant": frozenset(
+                {"KeyId", "GranteePrincipal", "RetiringPrincipal", "Operations", "Constraints"}
+                | {"GrantTokens", "Name", "DryRun"}
+            ),
+            "ListGrants": frozenset({"KeyId", "Limit", "Marker", "GrantId", "GranteePrincipal"}),
+            "RevokeGrant": frozenset({"KeyId", "GrantId", "DryRun"}),
         }
 
     def close(self) -> None:
@@ -404,8 +425,15 @@ class KmsService:
         context: Mapping[str, str] | None = None,
         recipient: _Recipient | None = None,
         policy: str | None = None,
-    ) -> None:
+        extra: Mapping[str, kms_policy.ContextValue] | None = None,
+    ) -> Grant | None:
+        """Refuse the call unless the key policy or, failing it, a grant allows it.
+
+        As on AWS, a grant adds permissions but never overrides an explicit deny. Returns the
+        grant that allowed the call, if one did.
+        """
         request_context = self._base_context(caller)
+        request_context.update(extra or {})
         if context is not None:
             for key, value in context.items():
                 request_context[f"kms:EncryptionContext:{key}"] = value
@@ -425,6 +453,11 @@ class KmsService:
         except (ValueError, kms_policy.PolicyError):
             # Stored policies were validated on entry; a broken one fails closed.
             decision = kms_policy.Decision(False, "unreadable key policy")
+        grant = None
+        if not decision.allowed and decision.reason == "implicit deny":
+            grant = self._granted(caller, action, record, context)
+            if grant is not None:
+                decision = kms_policy.Decision(True, f"allowed by grant {grant.grant_id[:12]}")
         call.decision = decision.reason
         if not decision.allowed:
             why = (
@@ -437,6 +470,27 @@ class KmsService:
                 f"User: {caller.arn} is not authorized to perform: {action} on resource: "
                 f"{record.arn} {why}",
             )
+        return grant
+
+    def _granted(
+        self, caller: Principal, action: str, record: KeyRecord, context: Mapping[str, str] | None
+    ) -> Grant | None:
+        operation = action.split(":", 1)[1]
+        for grant in self.store.grants(record.key_id):
+            if not grant.admits(operation, context):
+                continue
+            # The grantee matches as a key policy's principal would (a role's sessions too).
+            statement = {"Effect": "Allow", "Principal": {"AWS": grant.grantee}}
+            statement.update({"Action": action, "Resource": "*"})
+            verdict = kms_policy.evaluate(
+                {"Version": "2012-10-17", "Statement": [statement]},
+                principal_arn=caller.arn,
+                action=action,
+                context={},
+            )
+            if verdict.allowed:
+                return grant
+        return None
 
     def _require_account(self, caller: Principal, action: str) -> None:
         # Stands in for IAM: principals of the emulated account hold account-level permissions.
@@ -708,6 +762,164 @@ class KmsService:
         self._require_account(caller, "kms:ListKeys")
         keys = [{"KeyId": r.key_id, "KeyArn": r.arn} for r in self.store.list_keys()]
         return self._page(params, keys, "Keys")
+
+    # --- ReEncrypt and grants -------------------------------------------------------------
+
+    def re_encrypt(self, params: _Params, caller: Principal, call: _CallLog) -> dict[str, Any]:
+        """Decrypt under the source key and encrypt under the destination, inside KMS.
+
+        Authorized as AWS does: kms:ReEncryptFrom on the source key (with the source context),
+        kms:ReEncryptTo on the destination key (with the destination context).
+        """
+        params.grant_tokens()
+        params.symmetric_algorithm("SourceEncryptionAlgorithm")
+        params.symmetric_algorithm("DestinationEncryptionAlgorithm")
+        blob = params.blob("CiphertextBlob", required=True, max_len=MAX_CIPHERTEXT)
+        source_context = params.context("SourceEncryptionContext")
+        destination_context = params.context("DestinationEncryptionContext")
+        source_ref = params.string("SourceKeyId")
+        destination_ref = params.string("DestinationKeyId", required=True) or ""
+        assert blob is not None
+        source = self.store.resolve(ciphertext_key_id(blob))
+        call.key_id = source.key_id
+        if source_ref is not None and self.store.resolve(source_ref).key_id != source.key_id:
+            raise _error(
+                "IncorrectKeyException",
+                "The key ID in the request does not identify the KMS key used to encrypt the "
+                "ciphertext.",
+            )
+        destination = self.store.resolve(destination_ref)
+        same = {"kms:ReEncryptOnSameKey": source.key_id == destination.key_id}
+        self._authorize(
+            caller, "kms:ReEncryptFrom", source, call, context=source_context, extra=same
+        )
+        self._authorize(
+            caller, "kms:ReEncryptTo", destination, call, context=destination_context, extra=same
+        )
+        self._dry_run(params)
+        plaintext = self.store.decrypt(source, blob, source_context)
+        return {
+            "CiphertextBlob": _b64(self.store.encrypt(destination, plaintext, destination_context)),
+            "SourceKeyId": source.arn,
+            "KeyId": destination.arn,
+            "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        }
+
+    def _grantee(self, params: _Params, name: str, *, required: bool) -> str | None:
+        value = params.string(name, required=required, max_len=256)
+        if value is not None and not _GRANTEE.match(value):
+            raise _error("ValidationException", f"{name} must be an IAM principal or account")
+        return value
+
+    def create_grant(self, params: _Params, caller: Principal, call: _CallLog) -> dict[str, Any]:
+        params.grant_tokens()
+        record = self.store.resolve(params.string("KeyId", required=True) or "", allow_alias=False)
+        call.key_id = record.key_id
+        grantee = self._grantee(params, "GranteePrincipal", required=True)
+        retiring = self._grantee(params, "RetiringPrincipal", required=False)
+        name = params.string("Name", max_len=256) or ""
+        if name and not _GRANT_NAME.match(name):
+            raise _error("ValidationException", "Name may hold only letters, digits, :/_-")
+        operations = params.body.get("Operations")
+        if (
+            not isinstance(operations, list)
+            or not operations
+            or not all(isinstance(op, str) for op in operations)
+        ):
+            raise _error("ValidationException", "Operations must be a non-empty list of strings")
+        unknown = sorted(set(operations) - GRANT_OPERATIONS)
+        if unknown:
+            raise _error(
+                "ValidationException",
+                f"Operations {', '.join(unknown)} cannot be granted on a symmetric encryption key",
+            )
+        constraints = self._grant_constraints(params)
+        extra: dict[str, kms_policy.ContextValue] = {
+            "kms:GranteePrincipal": grantee or "",
+            "kms:GrantOperations": sorted(set(operations)),
+            "kms:GrantIsForAWSResource": False,
+        }
+        if retiring is not None:
+            extra["kms:RetiringPrincipal"] = retiring
+        if constraints:
+            extra["kms:GrantConstraintType"] = next(iter(constraints))
+        via = self._authorize(caller, "kms:CreateGrant", record, call, extra=extra)
+        if via is not None and (
+            not set(operations) <= set(via.operations) or dict(constraints) != dict(via.constraints)
+        ):
+            # A grant that allows CreateGrant passes on its own operations and constraints only.
+            raise _error(
+                "AccessDeniedException",
+                f"User: {caller.arn} is not authorized to perform: kms:CreateGrant on resource: "
+                f"{record.arn}: a grant may be passed on only with a subset of its operations "
+                "and the same constraints",
+            )
+        self._dry_run(params)
+        grant = self.store.add_grant(
+            Grant(
+                grant_id=secrets.token_hex(32),
+                grant_token=base64.urlsafe_b64encode(secrets.token_bytes(48)).decode("ascii"),
+                key_id=record.key_id,
+                grantee=grantee or "",
+                operations=tuple(dict.fromkeys(operations)),
+                issuing_account=f"arn:aws:iam::{record.account_id}:root",
+                creation_date=round(time.time(), 3),
+                name=name,
+                retiring=retiring,
+                constraints=constraints,
+            )
+        )
+        return {"GrantToken": grant.grant_token, "GrantId": grant.grant_id}
+
+    @staticmethod
+    def _grant_constraints(params: _Params) -> dict[str, dict[str, str]]:
+        value = params.body.get("Constraints")
+        if value is None:
+            return {}
+        kinds = ("EncryptionContextSubset", "EncryptionContextEquals")
+        if not isinstance(value, dict) or set(value) - set(kinds) or len(value) != 1:
+            raise _error(
+                "ValidationException",
+                "Constraints must hold one of EncryptionContextSubset or EncryptionContextEquals",
+            )
+        kind = next(iter(value))
+        return {kind: _Params(value, frozenset(kinds)).context(kind)}
+
+    def list_grants(self, params: _Params, caller: Principal, call: _CallLog) -> dict[str, Any]:
+        record = self.store.resolve(params.string("KeyId", required=True) or "")
+        call.key_id = record.key_id
+        only_id = params.string("GrantId", max_len=128)
+        only_grantee = self._grantee(params, "GranteePrincipal", required=False)
+        self._authorize(caller, "kms:ListGrants", record, call)
+        grants = []
+        for grant in self.store.grants(record.key_id):
+            if only_id not in (None, grant.grant_id) or only_grantee not in (None, grant.grantee):
+                continue
+            entry: dict[str, Any] = {
+                "KeyId": record.arn,
+                "GrantId": grant.grant_id,
+                "Name": grant.name,
+                "CreationDate": grant.creation_date,
+                "GranteePrincipal": grant.grantee,
+                "IssuingAccount": grant.issuing_account,
+                "Operations": list(grant.operations),
+            }
+            if grant.retiring is not None:
+                entry["RetiringPrincipal"] = grant.retiring
+            if grant.constraints:
+                entry["Constraints"] = {k: dict(v) for k, v in grant.constraints.items()}
+            grants.append(entry)
+        return self._page(params, grants, "Grants")
+
+    def revoke_grant(self, params: _Params, caller: Principal, call: _CallLog) -> dict[str, Any]:
+        record = self.store.resolve(params.string("KeyId", required=True) or "", allow_alias=False)
+        call.key_id = record.key_id
+        grant_id = params.string("GrantId", required=True, max_len=128) or ""
+        self._authorize(caller, "kms:RevokeGrant", record, call)
+        self._dry_run(params)
+        self.store.revoke_grant(record.key_id, grant_id)
+        return {}
 
 
 class _KmsRequestHandler(BaseHTTPRequestHandler):

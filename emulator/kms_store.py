@@ -1,4 +1,4 @@
-"""State of the KMS emulator: keys, aliases, key policies, principals and the ciphertext format.
+"""State of the KMS emulator: keys, aliases, key policies, grants, principals, ciphertext format.
 
 Everything persists under `<state-dir>/kms/` (JSON, key material in 0600 files, atomic writes)
 and survives a restart; one process owns a state directory at a time (an exclusive lock file).
@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 KEY_MATERIAL_BYTES = 32
 MAX_PRINCIPALS_FILE = 1 << 20
 MAX_CONTEXT_BYTES = 8192
+MAX_GRANTS_PER_KEY = 1000  # AWS allows 50,000; the emulator keeps every grant in memory
 
 # Ciphertext blob: magic, version, the 36-character key id, a 96-bit nonce, AES-GCM output.
 # The header and the canonical encryption context are the associated data.
@@ -145,6 +146,84 @@ class Principal:
     session_token: str | None = None
 
 
+@dataclass(frozen=True)
+class Grant:
+    """A grant: `operations` on `key_id` for `grantee`, within optional context constraints."""
+
+    grant_id: str
+    grant_token: str
+    key_id: str
+    grantee: str
+    operations: tuple[str, ...]
+    issuing_account: str
+    creation_date: float
+    name: str = ""
+    retiring: str | None = None
+    # {"EncryptionContextEquals": {...}} or {"EncryptionContextSubset": {...}}, or empty.
+    constraints: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def admits(self, operation: str, context: Mapping[str, str] | None) -> bool:
+        """Whether the grant covers `operation` (no "kms:" prefix) with this encryption context.
+
+        `context` is None for operations that take none (DescribeKey, RetireGrant...): as on
+        AWS, constraints do not apply to them.
+        """
+        if operation not in self.operations:
+            return False
+        equals = self.constraints.get("EncryptionContextEquals")
+        subset = self.constraints.get("EncryptionContextSubset")
+        if context is None or (equals is None and subset is None):
+            return True
+        # As on AWS, a constraint's keys match without regard to case, its values exactly. A
+        # context whose keys differ only by case is ambiguous here: no constraint admits it.
+        given = {key.casefold(): value for key, value in (context or {}).items()}
+        if len(given) != len(context or {}):
+            return False
+        if equals is not None and given != {k.casefold(): v for k, v in equals.items()}:
+            return False
+        return subset is None or all(given.get(k.casefold()) == v for k, v in subset.items())
+
+    def same_request(self, other: Grant) -> bool:
+        return (self.key_id, self.grantee, self.retiring, self.name) == (
+            other.key_id,
+            other.grantee,
+            other.retiring,
+            other.name,
+        ) and (sorted(self.operations), dict(self.constraints)) == (
+            sorted(other.operations),
+            dict(other.constraints),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "GrantId": self.grant_id,
+            "GrantToken": self.grant_token,
+            "KeyId": self.key_id,
+            "GranteePrincipal": self.grantee,
+            "Operations": list(self.operations),
+            "IssuingAccount": self.issuing_account,
+            "CreationDate": self.creation_date,
+            "Name": self.name,
+            "RetiringPrincipal": self.retiring,
+            "Constraints": {kind: dict(ctx) for kind, ctx in self.constraints.items()},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Grant:
+        return cls(
+            grant_id=obj["GrantId"],
+            grant_token=obj["GrantToken"],
+            key_id=obj["KeyId"],
+            grantee=obj["GranteePrincipal"],
+            operations=tuple(obj["Operations"]),
+            issuing_account=obj["IssuingAccount"],
+            creation_date=float(obj["CreationDate"]),
+            name=obj.get("Name", ""),
+            retiring=obj.get("RetiringPrincipal"),
+            constraints={kind: dict(ctx) for kind, ctx in obj.get("Constraints", {}).items()},
+        )
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a 0600 temporary file and a rename, then sync the dir."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -186,6 +265,7 @@ class KmsStore:
         self._keys: dict[str, KeyRecord] = {}
         self._material: dict[str, bytes] = {}
         self._aliases: dict[str, str] = {}
+        self._grants: list[Grant] = []
         self._load()
 
     def close(self) -> None:
@@ -211,6 +291,9 @@ class KmsStore:
         aliases = self.root / "aliases.json"
         if aliases.exists():
             self._aliases = dict(json.loads(aliases.read_text("utf-8")))
+        grants = self.root / "grants.json"
+        if grants.exists():
+            self._grants = [Grant.from_json(g) for g in json.loads(grants.read_text("utf-8"))]
 
     # --- names -----------------------------------------------------------------------------
 
@@ -292,6 +375,38 @@ class KmsStore:
             aliases = dict(self._aliases, **{alias_name: key_id})
             atomic_write(self.root / "aliases.json", json.dumps(aliases, indent=2).encode())
             self._aliases = aliases
+
+    def add_grant(self, grant: Grant) -> Grant:
+        """Store `grant`; the same named grant again answers the existing one, as AWS does."""
+        with self._lock:
+            if grant.name:
+                for existing in self._grants:
+                    if existing.same_request(grant):
+                        return existing
+            if sum(g.key_id == grant.key_id for g in self._grants) >= MAX_GRANTS_PER_KEY:
+                raise KmsError(
+                    "LimitExceededException",
+                    f"The key has the maximum of {MAX_GRANTS_PER_KEY} grants in the emulator",
+                )
+            self._write_grants([*self._grants, grant])
+        return grant
+
+    def revoke_grant(self, key_id: str, grant_id: str) -> None:
+        with self._lock:
+            kept = [g for g in self._grants if not (g.key_id == key_id and g.grant_id == grant_id)]
+            if len(kept) == len(self._grants):
+                raise KmsError("NotFoundException", f"Grant ID {grant_id} not found")
+            self._write_grants(kept)
+
+    def grants(self, key_id: str) -> list[Grant]:
+        """The grants of one key, oldest first."""
+        with self._lock:
+            return [g for g in self._grants if g.key_id == key_id]
+
+    def _write_grants(self, grants: list[Grant]) -> None:
+        data = json.dumps([g.to_json() for g in grants], indent=2).encode("utf-8")
+        atomic_write(self.root / "grants.json", data)
+        self._grants = grants
 
     def _write_record(self, record: KeyRecord) -> None:
         data = json.dumps(record.to_json(), indent=2).encode("utf-8")

@@ -478,6 +478,20 @@ def test_wrong_secret_and_wrong_token(server: Server) -> None:
         assert code_of(info) == expected
 
 
+def test_a_signed_request_cannot_be_turned_into_another_operation(
+    server: Server, pinned_key: dict[str, Any]
+) -> None:
+    # The user may DescribeKey, not GetKeyPolicy: the target is signed, so swapping it breaks
+    # the signature instead of reaching the policy check.
+    body = json.dumps({"KeyId": pinned_key["KeyId"]}).encode()
+    headers = signed_headers(server, "DescribeKey", body)
+    assert raw_call(server, "", body, headers=headers)[0] == 200
+    headers = signed_headers(server, "DescribeKey", body)
+    headers["X-Amz-Target"] = "TrentService.GetKeyPolicy"
+    status, answer = raw_call(server, "", body, headers=headers)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+
+
 def test_principals_file_is_reloaded(server: Server) -> None:
     path = server.state_dir / "principals.json"
     extra = {"AKIALATE00000000001": {"secret_access_key": "late-secret", "arn": USER_ARN}}
@@ -670,6 +684,301 @@ def test_logs_are_json_lines_without_content(server: Server, open_key: dict[str,
         assert needle not in text
 
 
+# --- ReEncrypt and grants --------------------------------------------------------------------
+
+
+def admin_only_policy(*extra: dict[str, Any]) -> str:
+    """The admin (the account root itself, not every principal of the account) does anything."""
+    admin = {
+        "Sid": "Admin",
+        "Effect": "Allow",
+        "Principal": {"AWS": ADMIN_ARN},
+        "Action": "kms:*",
+        "Resource": "*",
+        "Condition": {"StringEquals": {"aws:PrincipalArn": ADMIN_ARN}},
+    }
+    return json.dumps({"Version": "2012-10-17", "Statement": [admin, *extra]})
+
+
+def user_may(*actions: str) -> dict[str, Any]:
+    return {"Effect": "Allow", "Principal": {"AWS": USER_ARN}, "Action": list(actions)}
+
+
+def new_key(server: Server, policy: str) -> dict[str, Any]:
+    return server.client("admin").create_key(Policy=policy)["KeyMetadata"]
+
+
+def test_re_encrypt_moves_a_ciphertext_between_keys(
+    server: Server, open_key: dict[str, Any]
+) -> None:
+    kms = server.client("user")
+    other = server.client("admin").create_key(Description="second open key")["KeyMetadata"]
+    blob = kms.encrypt(KeyId="alias/open", Plaintext=b"moved", EncryptionContext=CONTEXT)[
+        "CiphertextBlob"
+    ]
+    moved = kms.re_encrypt(
+        CiphertextBlob=blob,
+        SourceEncryptionContext=CONTEXT,
+        DestinationKeyId=other["KeyId"],
+        DestinationEncryptionContext={"app": "elsewhere"},
+    )
+    assert moved["SourceKeyId"] == open_key["Arn"]
+    assert moved["KeyId"] == other["Arn"]
+    assert moved["DestinationEncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+    got = kms.decrypt(
+        CiphertextBlob=moved["CiphertextBlob"], EncryptionContext={"app": "elsewhere"}
+    )
+    assert (got["Plaintext"], got["KeyId"]) == (b"moved", other["Arn"])
+    with pytest.raises(kms.exceptions.InvalidCiphertextException):
+        kms.decrypt(CiphertextBlob=moved["CiphertextBlob"], EncryptionContext=CONTEXT)
+    # The source context must be the one bound into the ciphertext; SourceKeyId must name its key.
+    with pytest.raises(kms.exceptions.InvalidCiphertextException):
+        kms.re_encrypt(CiphertextBlob=blob, DestinationKeyId=other["KeyId"])
+    with pytest.raises(kms.exceptions.IncorrectKeyException):
+        kms.re_encrypt(
+            CiphertextBlob=blob,
+            SourceEncryptionContext=CONTEXT,
+            SourceKeyId=other["KeyId"],
+            DestinationKeyId=other["KeyId"],
+        )
+    with pytest.raises(kms.exceptions.DryRunOperationException):
+        kms.re_encrypt(
+            CiphertextBlob=blob,
+            SourceEncryptionContext=CONTEXT,
+            DestinationKeyId=other["KeyId"],
+            DryRun=True,
+        )
+    with pytest.raises(kms.exceptions.NotFoundException):
+        kms.re_encrypt(CiphertextBlob=blob, DestinationKeyId="alias/missing")
+
+
+def test_re_encrypt_needs_from_on_the_source_and_to_on_the_destination(server: Server) -> None:
+    wrap = user_may("kms:Encrypt") | {"Resource": "*"}
+    source = new_key(
+        server, admin_only_policy(wrap, user_may("kms:ReEncryptFrom") | {"Resource": "*"})
+    )
+    target = new_key(server, admin_only_policy(user_may("kms:ReEncryptTo") | {"Resource": "*"}))
+    kms = server.client("user")
+    blob = kms.encrypt(KeyId=source["KeyId"], Plaintext=b"x", EncryptionContext=CONTEXT)[
+        "CiphertextBlob"
+    ]
+    moved = kms.re_encrypt(
+        CiphertextBlob=blob, SourceEncryptionContext=CONTEXT, DestinationKeyId=target["KeyId"]
+    )
+    assert moved["KeyId"] == target["Arn"]
+    # Back again needs ReEncryptFrom on the target and ReEncryptTo on the source: neither held.
+    with pytest.raises(ClientError) as info:
+        kms.re_encrypt(CiphertextBlob=moved["CiphertextBlob"], DestinationKeyId=source["KeyId"])
+    assert code_of(info) == "AccessDeniedException"
+    assert (
+        f"kms:ReEncryptFrom on resource: {target['Arn']}" in info.value.response["Error"]["Message"]
+    )
+    with pytest.raises(ClientError) as info:
+        kms.re_encrypt(
+            CiphertextBlob=blob, SourceEncryptionContext=CONTEXT, DestinationKeyId=source["KeyId"]
+        )
+    assert (
+        f"kms:ReEncryptTo on resource: {source['Arn']}" in info.value.response["Error"]["Message"]
+    )
+    # Decrypt is not implied by ReEncryptFrom.
+    with pytest.raises(ClientError) as info:
+        kms.decrypt(CiphertextBlob=blob, EncryptionContext=CONTEXT)
+    assert code_of(info) == "AccessDeniedException"
+
+
+def test_grants_allow_their_operations_to_the_grantee_only(server: Server) -> None:
+    admin, user, parent = server.client("admin"), server.client("user"), server.client("parent")
+    key = new_key(server, admin_only_policy())
+    with pytest.raises(ClientError) as info:
+        user.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_256", EncryptionContext=CONTEXT)
+    assert code_of(info) == "AccessDeniedException"
+    wrap = admin.create_grant(
+        KeyId=key["KeyId"],
+        GranteePrincipal=USER_ARN,
+        Operations=["GenerateDataKey"],
+        Constraints={"EncryptionContextSubset": {"app": "nitro-llm"}},
+        Name="user-wraps",
+    )
+    assert len(wrap["GrantId"]) == 64 and wrap["GrantToken"]
+    made = user.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_256", EncryptionContext=CONTEXT)
+    with pytest.raises(ClientError) as info:  # outside the grant's context constraint
+        user.generate_data_key(
+            KeyId=key["KeyId"], KeySpec="AES_256", EncryptionContext={"app": "x"}
+        )
+    assert code_of(info) == "AccessDeniedException"
+    with pytest.raises(ClientError) as info:  # an operation the grant does not name
+        user.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext=CONTEXT)
+    assert code_of(info) == "AccessDeniedException"
+    # A grant to the role covers its sessions (the parent calls as an assumed-role session).
+    unwrap = admin.create_grant(
+        KeyId=key["Arn"],
+        GranteePrincipal=PARENT_ROLE,
+        Operations=["Decrypt"],
+        Constraints={"EncryptionContextEquals": CONTEXT},
+    )
+    got = parent.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext=CONTEXT)
+    assert got["Plaintext"] == made["Plaintext"]
+    other = user.generate_data_key(
+        KeyId=key["KeyId"], KeySpec="AES_256", EncryptionContext={**CONTEXT, "extra": "1"}
+    )
+    with pytest.raises(ClientError) as info:  # EncryptionContextEquals: exactly, not a superset
+        parent.decrypt(
+            CiphertextBlob=other["CiphertextBlob"], EncryptionContext={**CONTEXT, "extra": "1"}
+        )
+    assert code_of(info) == "AccessDeniedException"
+    # The same named grant again is the same grant, as on AWS.
+    again = admin.create_grant(
+        KeyId=key["KeyId"],
+        GranteePrincipal=USER_ARN,
+        Operations=["GenerateDataKey"],
+        Constraints={"EncryptionContextSubset": {"app": "nitro-llm"}},
+        Name="user-wraps",
+    )
+    assert again["GrantId"] == wrap["GrantId"]
+    listed = admin.list_grants(KeyId=key["KeyId"])["Grants"]
+    assert [g["GrantId"] for g in listed] == [wrap["GrantId"], unwrap["GrantId"]]
+    first = listed[0]
+    assert first["KeyId"] == key["Arn"]
+    assert first["GranteePrincipal"] == USER_ARN
+    assert first["Operations"] == ["GenerateDataKey"]
+    assert first["Constraints"] == {"EncryptionContextSubset": {"app": "nitro-llm"}}
+    assert first["IssuingAccount"] == f"arn:aws:iam::{ACCOUNT}:root"
+    assert first["Name"] == "user-wraps"
+    only = admin.list_grants(KeyId=key["KeyId"], GranteePrincipal=PARENT_ROLE)["Grants"]
+    assert [g["GrantId"] for g in only] == [unwrap["GrantId"]]
+    page = admin.list_grants(KeyId=key["KeyId"], Limit=1)
+    assert page["Truncated"] and len(page["Grants"]) == 1
+    # Grants add permissions, never past an explicit deny in the key policy.
+    deny = {
+        "Sid": "NoDecrypt",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+    }
+    admin.put_key_policy(KeyId=key["KeyId"], Policy=admin_only_policy(deny))
+    with pytest.raises(ClientError) as info:
+        parent.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext=CONTEXT)
+    assert "explicit deny" in info.value.response["Error"]["Message"]
+    admin.put_key_policy(KeyId=key["KeyId"], Policy=admin_only_policy())
+    parent.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext=CONTEXT)
+    # Revoked, the grant allows nothing; revoking twice is NotFound.
+    admin.revoke_grant(KeyId=key["KeyId"], GrantId=unwrap["GrantId"])
+    with pytest.raises(ClientError) as info:
+        parent.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext=CONTEXT)
+    assert code_of(info) == "AccessDeniedException"
+    with pytest.raises(admin.exceptions.NotFoundException):
+        admin.revoke_grant(KeyId=key["KeyId"], GrantId=unwrap["GrantId"])
+    # Neither the user nor the parent may list, create or revoke grants under this policy.
+    for kms in (user, parent):
+        for call in (
+            lambda k: k.list_grants(KeyId=key["KeyId"]),
+            lambda k: k.create_grant(
+                KeyId=key["KeyId"], GranteePrincipal=USER_ARN, Operations=["Decrypt"]
+            ),
+            lambda k: k.revoke_grant(KeyId=key["KeyId"], GrantId=wrap["GrantId"]),
+        ):
+            with pytest.raises(ClientError) as info:
+                call(kms)
+            assert code_of(info) == "AccessDeniedException"
+
+
+def test_create_grant_condition_keys_and_passing_a_grant_on(server: Server) -> None:
+    admin, user = server.client("admin"), server.client("user")
+    # The user may create grants only for the parent role, and only of Decrypt/DescribeKey.
+    limited = user_may("kms:CreateGrant") | {
+        "Resource": "*",
+        "Condition": {
+            "ForAllValues:StringEquals": {"kms:GrantOperations": ["Decrypt", "DescribeKey"]},
+            "StringEquals": {"kms:GranteePrincipal": PARENT_ROLE},
+        },
+    }
+    key = new_key(server, admin_only_policy(limited))
+    user.create_grant(KeyId=key["KeyId"], GranteePrincipal=PARENT_ROLE, Operations=["Decrypt"])
+    for grantee, operations in ((PARENT_ROLE, ["Decrypt", "Encrypt"]), (USER_ARN, ["Decrypt"])):
+        with pytest.raises(ClientError) as info:
+            user.create_grant(KeyId=key["KeyId"], GranteePrincipal=grantee, Operations=operations)
+        assert code_of(info) == "AccessDeniedException", (grantee, operations)
+    # A grant that includes CreateGrant passes on only a subset of its own operations.
+    other = new_key(server, admin_only_policy())
+    admin.create_grant(
+        KeyId=other["KeyId"], GranteePrincipal=USER_ARN, Operations=["Decrypt", "CreateGrant"]
+    )
+    user.create_grant(KeyId=other["KeyId"], GranteePrincipal=PARENT_ROLE, Operations=["Decrypt"])
+    with pytest.raises(ClientError) as info:
+        user.create_grant(
+            KeyId=other["KeyId"], GranteePrincipal=PARENT_ROLE, Operations=["Encrypt"]
+        )
+    assert code_of(info) == "AccessDeniedException"
+
+
+def test_grant_constraints_match_keys_without_case_and_values_exactly() -> None:
+    from emulator.kms_store import Grant
+
+    def grant(**constraints: dict[str, str]) -> Grant:
+        return Grant("g", "t", "k", USER_ARN, ("Decrypt",), "a", 0.0, constraints=constraints)
+
+    subset = grant(EncryptionContextSubset={"App": "nitro-llm"})
+    assert subset.admits("Decrypt", {"app": "nitro-llm", "session": "s"})
+    assert not subset.admits("Decrypt", {"app": "Nitro-LLM"})
+    assert not subset.admits("Decrypt", {})
+    assert not subset.admits("Encrypt", {"app": "nitro-llm"})
+    # Keys differing only by case make the context ambiguous: no constraint admits it.
+    assert not subset.admits("Decrypt", {"app": "nitro-llm", "APP": "other"})
+    equals = grant(EncryptionContextEquals={"app": "nitro-llm"})
+    assert equals.admits("Decrypt", {"APP": "nitro-llm"})
+    assert not equals.admits("Decrypt", {"app": "nitro-llm", "session": "s"})
+    assert grant().admits("Decrypt", {})
+    # Constraints do not apply to operations without a context (DescribeKey), as on AWS.
+    describe = Grant(
+        "g",
+        "t",
+        "k",
+        USER_ARN,
+        ("DescribeKey",),
+        "a",
+        0.0,
+        constraints={"EncryptionContextEquals": {"app": "nitro-llm"}},
+    )
+    assert describe.admits("DescribeKey", None)
+    assert not describe.admits("Decrypt", None)
+
+
+def test_create_grant_refuses_bad_input(server: Server) -> None:
+    admin = server.client("admin")
+    key = new_key(server, admin_only_policy())
+    bad_requests = [
+        {"GranteePrincipal": "bob", "Operations": ["Decrypt"]},
+        {"GranteePrincipal": USER_ARN, "Operations": ["Sign"]},
+        {
+            "GranteePrincipal": USER_ARN,
+            "Operations": ["Decrypt"],
+            "Constraints": {
+                "EncryptionContextSubset": {"a": "1"},
+                "EncryptionContextEquals": {"a": "1"},
+            },
+        },
+        {"GranteePrincipal": USER_ARN, "Operations": ["Decrypt"], "Name": "no spaces allowed"},
+    ]
+    for request in bad_requests:
+        with pytest.raises(ClientError) as info:
+            admin.create_grant(KeyId=key["KeyId"], **request)
+        assert code_of(info) == "ValidationException", request
+    # What boto3 refuses to send: an empty operation list, a constraint that is not a map.
+    for body in (
+        {"KeyId": key["KeyId"], "GranteePrincipal": USER_ARN, "Operations": []},
+        {
+            "KeyId": key["KeyId"],
+            "GranteePrincipal": USER_ARN,
+            "Operations": ["Decrypt"],
+            "Constraints": {"EncryptionContextEquals": ["a"]},
+        },
+    ):
+        status, answer = raw_call(server, "CreateGrant", json.dumps(body).encode())
+        assert (status, answer["__type"]) == (400, "ValidationException")
+    assert admin.list_grants(KeyId=key["KeyId"])["Grants"] == []
+
+
 # --- persistence (restarts the module's server: keep last) ------------------------------------
 
 
@@ -727,3 +1036,18 @@ def test_slow_clients_are_cut_off_and_handlers_are_bounded(tmp_path: Path, ca: L
         assert status == 200, answer
     finally:
         emulator.shutdown()
+
+
+def test_grants_survive_a_restart(server: Server) -> None:
+    admin = server.client("admin")
+    key = new_key(server, admin_only_policy())
+    grant = admin.create_grant(
+        KeyId=key["KeyId"], GranteePrincipal=PARENT_ROLE, Operations=["Encrypt"]
+    )
+    assert server.stop() == 0
+    assert (server.state_dir / "kms" / "grants.json").stat().st_mode & 0o777 == 0o600
+    server.start()
+    listed = server.client("admin").list_grants(KeyId=key["KeyId"])["Grants"]
+    assert [g["GrantId"] for g in listed] == [grant["GrantId"]]
+    parent = server.client("parent")
+    assert parent.encrypt(KeyId=key["KeyId"], Plaintext=b"granted")["KeyId"] == key["Arn"]
