@@ -12,6 +12,7 @@ import re
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 
 PCR_COUNT = 16
@@ -24,6 +25,10 @@ _CHUNK = 1 << 20
 # gigabyte of model weights that did not change.
 _digest_cache: dict[tuple[str, int, int], str] = {}
 _cache_lock = threading.Lock()
+# A file modified this recently is never cached: the kernel stamps mtimes from a coarse clock, so a
+# same-size edit made soon after a measurement could keep (size, mtime) and pass unnoticed (git's
+# "racy clean" problem). Files of enclave/ and protocol/ are small; re-reading them costs nothing.
+RACY_WINDOW_NS = 3_000_000_000
 
 
 class MeasureError(Exception):
@@ -50,8 +55,9 @@ def _file_sha256(path: Path) -> str:
     except OSError as exc:
         raise MeasureError(f"cannot read {path}: {exc.strerror}") from exc
     hexdigest = digest.hexdigest()
-    with _cache_lock:
-        _digest_cache[key] = hexdigest
+    if time.time_ns() - info.st_mtime_ns > RACY_WINDOW_NS:
+        with _cache_lock:
+            _digest_cache[key] = hexdigest
     return hexdigest
 
 

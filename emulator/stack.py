@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -89,6 +90,11 @@ class StatePaths:
     @property
     def enclave_config(self) -> Path:
         return self.root / "enclave.json"
+
+    @property
+    def app_file(self) -> Path:
+        """Records the app root the enclave runs from (`up --app-root`), for measure and restart."""
+        return self.root / "app.json"
 
     @property
     def parent_credentials(self) -> Path:
@@ -397,8 +403,18 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def spawn(paths: StatePaths, name: str, argv: list[str]) -> Proc:
-    """Start `argv` as component `name`: new session, output to its log, pid to its pid file."""
+def spawn(
+    paths: StatePaths,
+    name: str,
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """Start `argv` as component `name`: new session, output to its log, pid to its pid file.
+
+    It runs in DIR unless `cwd` says otherwise, with `_child_env()` unless `env` is given.
+    """
     log = paths.log(name)
     with open(log, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
@@ -411,8 +427,8 @@ def spawn(paths: StatePaths, name: str, argv: list[str]) -> Proc:
             stdout=out,
             stderr=out,
             start_new_session=True,
-            env=_child_env(),
-            cwd=paths.root,
+            env=env if env is not None else _child_env(),
+            cwd=cwd if cwd is not None else paths.root,
         )
     _write_file(paths.pid_file(name), f"{child.pid}\n", mode=0o600)
     return Proc(name, child.pid, log)
@@ -648,18 +664,49 @@ def write_enclave_config(
     return paths.enclave_config
 
 
-def app_root() -> Path:
-    """The checkout whose enclave/ and protocol/ the NSM emulator measures."""
+def checkout_root() -> Path:
+    """The checkout this package lives in."""
     import emulator
 
     return Path(emulator.__file__).resolve().parents[1]
 
 
-def measure_pcrs(paths: StatePaths, model_dir: Path) -> dict[int, bytes]:
-    """The PCRs the NSM emulator will report for this checkout, config and model."""
+def app_root(paths: StatePaths | None = None) -> Path:
+    """The app root whose enclave/ and protocol/ the NSM emulator measures and the enclave server
+    runs: the one recorded in DIR/app.json by `up`, else this checkout."""
+    if paths is None or not paths.app_file.exists():
+        return checkout_root()
+    recorded = _read_json(paths.app_file)
+    root = recorded.get("app_root") if isinstance(recorded, dict) else None
+    if not isinstance(root, str) or not os.path.isabs(root):
+        raise StackError(f"{paths.app_file} names no absolute app_root; remove it")
+    return Path(root)
+
+
+def check_app_root(root: Path) -> Path:
+    """`root` made absolute, if it holds an enclave application (enclave/ and protocol/)."""
+    root = Path(os.path.abspath(root))
+    for needed in ("enclave/main.py", "protocol/__init__.py"):
+        if not (root / needed).is_file():
+            raise StackError(
+                f"{root} is not an enclave app root (no {needed}): it must hold a copy of the "
+                "checkout's enclave/ and protocol/"
+            )
+    return root
+
+
+def record_app_root(paths: StatePaths, root: Path | None) -> Path:
+    """Write DIR/app.json naming `root` (checked), or this checkout when `root` is None."""
+    chosen = check_app_root(root) if root is not None else checkout_root()
+    _write_file(paths.app_file, json.dumps({"app_root": str(chosen)}, indent=2) + "\n", mode=0o644)
+    return chosen
+
+
+def measure_pcrs(paths: StatePaths, model_dir: Path, app: Path | None = None) -> dict[int, bytes]:
+    """The PCRs the NSM emulator will report for the app root, DIR's config and the model."""
     from emulator.measure import measure
 
-    return measure(app_root(), paths.enclave_config, model_dir)
+    return measure(app if app is not None else app_root(paths), paths.enclave_config, model_dir)
 
 
 def apply_local_policy(admin_client: Any, key_arn: str, pcrs: dict[int, bytes]) -> dict[str, Any]:
@@ -671,8 +718,14 @@ def apply_local_policy(admin_client: Any, key_arn: str, pcrs: dict[int, bytes]) 
     return policy
 
 
-def start_nsm(paths: StatePaths, model_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Proc:
-    """Start the NSM emulator and wait for its socket."""
+def start_nsm(
+    paths: StatePaths,
+    model_dir: Path,
+    *,
+    app: Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> Proc:
+    """Start the NSM emulator, measuring `app` (by default DIR's app root); wait for its socket."""
     with contextlib.suppress(FileNotFoundError):
         paths.nsm_socket.unlink()
     argv = _command("nitro-nsm-emulator", "emulator.nsm_server") + [
@@ -681,7 +734,7 @@ def start_nsm(paths: StatePaths, model_dir: Path, *, timeout: float = START_TIME
         "--state-dir",
         str(paths.root),
         "--app-root",
-        str(app_root()),
+        str(app if app is not None else app_root(paths)),
         "--enclave-config",
         str(paths.enclave_config),
         "--model-dir",
@@ -692,12 +745,16 @@ def start_nsm(paths: StatePaths, model_dir: Path, *, timeout: float = START_TIME
     return proc
 
 
-def start_enclave(paths: StatePaths) -> Proc:
+def start_enclave(paths: StatePaths, app: Path | None = None) -> Proc:
     """Start the enclave server on its unix socket, talking to the NSM emulator.
 
+    It runs from `app` (by default DIR's app root): `python -m enclave.main` in that directory,
+    which is also first on PYTHONPATH, so that the files the NSM emulator measures are the files
+    that run, even when the app root is a copy of the checkout.
     Not waited for here: it loads the model before it answers, which `wait_ready` follows.
     """
-    argv = _command("enclave-server", "enclave.main") + [
+    root = app if app is not None else app_root(paths)
+    argv = [sys.executable, "-m", "enclave.main"] + [
         "--config",
         str(paths.enclave_config),
         "--listen",
@@ -705,7 +762,9 @@ def start_enclave(paths: StatePaths) -> Proc:
         "--nsm",
         f"unix://{paths.nsm_socket}",
     ]
-    return spawn(paths, "enclave", argv)
+    env = _child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return spawn(paths, "enclave", argv, cwd=root, env=env)
 
 
 def write_parent_credentials(paths: StatePaths, parent: AccessKey) -> Path:
@@ -902,16 +961,22 @@ def bring_up(
     paths: StatePaths,
     *,
     model_dir: Path | None = None,
+    app: Path | None = None,
     progress: Progress | None = None,
     tick: Callable[[], None] | None = None,
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> Endpoints:
     """Start every component for DIR (none may be running) and wait until the proxy is ready.
 
+    The enclave runs from `app` (a copy of the checkout's enclave/ and protocol/), by default
+    from this checkout; DIR/app.json records which, for `measure` and `restart enclave`.
     On failure, stops what it started and raises StackError naming the component to blame.
     """
     report = progress or (lambda _line: None)
+    if app is not None:
+        check_app_root(app)  # before anything is created
     paths.prepare()
+    record_app_root(paths, app)
     attestation_root = ensure_ca(paths)
     principals = ensure_principals(paths)
     model = ensure_model(paths, model_dir, report)
@@ -961,3 +1026,148 @@ def _step(component: str, what: str, action: Callable[[], Any]) -> Any:
         raise StackError(f"{what} failed: {code}", component) from exc
     except BotoCoreError as exc:
         raise StackError(f"{what} failed: {type(exc).__name__}", component) from exc
+
+
+# ---- restart the enclave alone; measure the enclave as it stands ------------------------------
+
+
+def restart_enclave(
+    paths: StatePaths,
+    *,
+    timeout: float = READY_TIMEOUT_S,
+    tick: Callable[[], None] | None = None,
+) -> Proc:
+    """Stop the enclave server alone, start it again with the same arguments, wait until the
+    proxy's /readyz answers.
+
+    The new process opens a new connection to the NSM emulator, which measures the app root
+    again (a boot): an edited file gives new PCRs. KMS, the NSM emulator and the proxy keep
+    running; the key policy is not touched.
+    """
+    pids = status(paths)
+    stopped = [name for name in ("kms", "nsm", "proxy") if pids[name] is None]
+    if stopped:
+        raise StackError(
+            f"the stack in {paths.root} is not running ({', '.join(stopped)} stopped); "
+            "run `nitro-local up`"
+        )
+    proxy_url = read_profile(paths).get("proxy_url")
+    if not isinstance(proxy_url, str):
+        raise StackError(f"{paths.profile} names no proxy_url; run `nitro-local down` and `up`")
+    old = pids["enclave"]
+    if old is not None:
+        _stop_group(paths, old, STOP_TIMEOUT_S)
+        if _is_ours(paths, old):
+            raise StackError(f"the enclave (pid {old}) did not stop", "enclave")
+    with contextlib.suppress(FileNotFoundError):
+        paths.enclave_socket.unlink()
+    enclave = start_enclave(paths)
+    others = [
+        Proc(name, pid, paths.log(name))
+        for name, pid in pids.items()
+        if pid is not None and name != "enclave"
+    ]
+    wait_ready(paths, proxy_url, [enclave, *others], timeout=timeout, tick=tick)
+    return enclave
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The PCRs of the enclave as its files stand, and what was measured."""
+
+    pcrs: dict[int, bytes]
+    app_root: Path
+    enclave_config: Path
+    model_dir: Path
+
+
+def measure_enclave(
+    paths: StatePaths, *, model_dir: Path | None = None, app: Path | None = None
+) -> Measurement:
+    """What the NSM emulator would report if the enclave booted now: the app root (DIR's unless
+    `app`), DIR/enclave.json and the model (the one enclave.json names unless `model_dir`)."""
+    from emulator.measure import MeasureError, measure
+
+    if not paths.enclave_config.is_file():
+        raise StackError(
+            f"{paths.enclave_config} does not exist: run `nitro-local up` once, it writes the "
+            "enclave's measured configuration"
+        )
+    if model_dir is None:
+        config = _read_json(paths.enclave_config)
+        named = config.get("model_dir") if isinstance(config, dict) else None
+        if not isinstance(named, str):
+            raise StackError(f"{paths.enclave_config} names no model_dir; pass --model-dir")
+        model_dir = Path(named)
+    root = check_app_root(app) if app is not None else app_root(paths)
+    model_dir = Path(os.path.abspath(model_dir))
+    try:
+        pcrs = measure(root, paths.enclave_config, model_dir)
+    except MeasureError as exc:
+        raise StackError(f"cannot measure the enclave: {exc}") from exc
+    return Measurement(pcrs, root, paths.enclave_config, model_dir)
+
+
+# Attestation condition keys; ImageSha384 is PCR0 under another name (AWS KMS documentation).
+_ATTESTATION_KEY = re.compile(r"kms:RecipientAttestation:(?:PCR(\d{1,2})|(ImageSha384))", re.I)
+
+
+def policy_pins(policy: Any) -> dict[int, frozenset[str]]:
+    """The values (lowercase hex) each PCR is compared with anywhere in the policy's conditions.
+
+    A report, not an evaluation: values are taken as exact strings, whatever the operator.
+    """
+    statements = policy.get("Statement", []) if isinstance(policy, dict) else []
+    if isinstance(statements, dict):
+        statements = [statements]
+    pins: dict[int, set[str]] = {}
+    for statement in statements if isinstance(statements, list) else []:
+        conditions = statement.get("Condition") if isinstance(statement, dict) else None
+        for keys in (conditions or {}).values() if isinstance(conditions, dict) else []:
+            for key, values in keys.items() if isinstance(keys, dict) else []:
+                match = _ATTESTATION_KEY.fullmatch(key)
+                if match is None:
+                    continue
+                index = int(match.group(1)) if match.group(1) is not None else 0
+                listed = [values] if isinstance(values, str) else values
+                if isinstance(listed, list):
+                    pins.setdefault(index, set()).update(
+                        value.lower() for value in listed if isinstance(value, str)
+                    )
+    return {index: frozenset(values) for index, values in sorted(pins.items())}
+
+
+def _load_principal(paths: StatePaths, arn: str) -> AccessKey | None:
+    """The access key DIR/principals.json holds for `arn`, without creating one."""
+    try:
+        raw = _read_json(paths.principals)
+    except FileNotFoundError:
+        return None
+    for akid, entry in raw.items() if isinstance(raw, dict) else []:
+        if isinstance(entry, dict) and entry.get("arn") == arn:
+            return AccessKey(akid, str(entry.get("secret_access_key", "")), arn)
+    return None
+
+
+def read_key_policy(paths: StatePaths) -> tuple[str, dict[str, Any]] | None:
+    """(key ARN, policy document) read from DIR's running KMS emulator as the key's admin, or
+    None when that KMS is not running."""
+    if component_pid(paths, "kms") is None:
+        return None
+    port = _read_port(paths.kms_port_file)
+    admin = _load_principal(paths, ADMIN_ARN)
+    recorded = _read_json(paths.key_file) if paths.key_file.exists() else None
+    key_arn = recorded.get("key_arn") if isinstance(recorded, dict) else None
+    if port is None or admin is None or not isinstance(key_arn, str):
+        return None
+    client = kms_client(f"http://127.0.0.1:{port}", admin)
+    text = _step(
+        "kms",
+        "reading the key policy",
+        lambda: client.get_key_policy(KeyId=key_arn, PolicyName="default")["Policy"],
+    )
+    try:
+        policy = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StackError("the key policy KMS returned is not JSON", "kms") from exc
+    return key_arn, policy if isinstance(policy, dict) else {}

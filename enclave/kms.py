@@ -67,6 +67,20 @@ class KeyCache:
         return len(self._entries)
 
 
+class AttestationRejected(NitroError):
+    """KMS refused the key to this enclave image. The PCR0 it presented is public (a measurement,
+    no secret), and the one thing an operator needs to compare with the key policy."""
+
+    def __init__(self, pcr0: bytes, kms_code: str) -> None:
+        super().__init__(ErrorCode.ATTESTATION_REJECTED, f"KMS answered {kms_code}")
+        self.pcr0 = pcr0
+
+    @property
+    def public_message(self) -> str:
+        """The server's message for this error, built here from non-secret data only."""
+        return f"KMS refused the key to this enclave image; it presented PCR0 {self.pcr0.hex()}"
+
+
 # KMS error codes and what they mean for the client.
 _KMS_CODES = {
     "AccessDeniedException": ErrorCode.ATTESTATION_REJECTED,
@@ -143,10 +157,14 @@ class AttestedKms:
             code = exc.response.get("Error", {}).get("Code", "")
             mapped = _KMS_CODES.get(code, ErrorCode.KMS_ERROR)
             fields: dict[str, Any] = {"trace_id": trace_id, "kms_code": code, "ms": timer.ms()}
+            pcr0 = None
             if mapped is ErrorCode.ATTESTATION_REJECTED:
                 # Operators need the measurement KMS saw to compare with the key policy.
-                fields["pcr0"] = attestation.parse(document).pcrs.get(0, b"").hex()
+                pcr0 = attestation.parse(document).pcrs.get(0, b"")
+                fields["pcr0"] = pcr0.hex()
             event(log, "kms_decrypt_refused", logging.WARNING, **fields)
+            if pcr0 is not None:
+                raise AttestationRejected(pcr0, code) from exc
             raise NitroError(mapped, f"KMS answered {code}") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             event(

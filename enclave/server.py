@@ -175,7 +175,12 @@ class EnclaveServer:
         try:
             conn.settimeout(1.0)
             # Our own text for the code: `detail` may name internals the parent need not see.
-            send_json(conn, status_frame(error.http_status, error=NitroError(error.code)))
+            # Except a refused attestation: enclave.kms.AttestationRejected builds a message from
+            # the PCR0 this enclave presented (public), for the operator to compare with the policy.
+            public = getattr(error, "public_message", None)
+            if error.code is not ErrorCode.ATTESTATION_REJECTED or not isinstance(public, str):
+                public = None
+            send_json(conn, status_frame(error.http_status, error=NitroError(error.code, public)))
         except OSError:
             pass
 

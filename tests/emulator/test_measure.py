@@ -117,9 +117,16 @@ def test_bytecode_and_files_outside_the_image_are_not_measured(checkout):
     assert m.measure(app, config, model) == before
 
 
+def _age(path: Path, seconds: int = 60) -> None:
+    """Date the file's mtime `seconds` back: out of the racy window, so its digest is cached."""
+    mtime = path.stat().st_mtime_ns - seconds * 1_000_000_000
+    os.utime(path, ns=(mtime, mtime))
+
+
 def test_digests_are_cached_by_path_size_and_mtime(checkout):
     app, config, model = checkout
     target = app / "enclave" / "server.py"
+    _age(target)
     before = m.measure(app, config, model)
     info = target.stat()
     target.write_bytes(b"print('SERVE')\n")  # same size
@@ -128,6 +135,20 @@ def test_digests_are_cached_by_path_size_and_mtime(checkout):
     assert m.measure(app, config, model) == before
     os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
     assert m.measure(app, config, model)[2] != before[2]
+
+
+def test_a_recently_modified_file_is_read_again_even_with_the_same_size_and_mtime(checkout):
+    # Coarse kernel timestamps: an edit right after a measurement can keep (size, mtime).
+    # Files modified within the racy window are never taken from the cache.
+    app, config, model = checkout
+    target = app / "enclave" / "server.py"
+    before = m.measure(app, config, model)
+    info = target.stat()
+    assert m.time.time_ns() - info.st_mtime_ns < m.RACY_WINDOW_NS
+    target.write_bytes(b"print('SERVE')\n")  # same size
+    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    after = m.measure(app, config, model)
+    assert after[2] != before[2] and after[0] != before[0]
 
 
 def test_a_missing_part_of_the_image_is_a_measure_error(tmp_path, checkout):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -330,6 +331,23 @@ def test_a_new_connection_remeasures(running):
     second.close()
     assert after[2] != before[2] and after[0] != before[0] and after[1] == before[1]
     assert after == running.measured()
+
+
+@pytest.mark.integration
+def test_a_restarted_enclave_sees_an_edit_that_kept_size_and_mtime(running):
+    # What `nitro-local restart enclave` relies on: the edit is quick, the same size, and
+    # the file's timestamp may not move (coarse clock); the next boot must still see it.
+    target = running.app / "enclave" / "server.py"
+    first = SocketNsm(f"unix://{running.socket}")
+    before = describe_pcr(first, 0)
+    first.close()
+    info = target.stat()
+    target.write_text("print('SERVE')\n")  # same size
+    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    second = SocketNsm(f"unix://{running.socket}")
+    after = describe_pcr(second, 0)
+    second.close()
+    assert after != before and after == running.measured()[0]
 
 
 @pytest.mark.integration

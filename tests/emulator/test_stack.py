@@ -396,3 +396,286 @@ def test_model_is_built_once_and_never_half(tmp_path: Path, monkeypatch) -> None
     assert stack.ensure_model(paths) == paths.default_model_dir
     assert len(builds) == 1 and "step 1/1" in said
     assert (paths.default_model_dir / "config.json").is_file()
+
+
+# ---- app root, measure, restart enclave ----------------------------------------------------------
+
+# An enclave application that records where it runs from, then serves its socket after a pause
+# (standing for the model load), as `python -m enclave.main` with the real flags.
+FAKE_ENCLAVE_MAIN = """
+import json, os, socket, sys, time
+import enclave, protocol
+args = sys.argv[1:]
+record = {"enclave": enclave.__file__, "protocol": protocol.__file__, "cwd": os.getcwd(),
+          "argv": args, "pythonpath": os.environ.get("PYTHONPATH", "")}
+with open(os.path.join(os.getcwd(), "started.jsonl"), "a") as out:
+    out.write(json.dumps(record) + "\\n")
+time.sleep(0.5)
+server = socket.socket(socket.AF_UNIX)
+server.bind(args[args.index("--listen") + 1].removeprefix("unix://"))
+server.listen()
+while True:
+    server.accept()[0].close()
+"""
+
+# The proxy's /readyz, reduced to its meaning: 200 once the enclave's socket accepts.
+FAKE_PROXY = """
+import http.server, socket, ssl, sys
+port, cert, key, enclave = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(1)
+                probe.connect(enclave)
+            ready = self.path == "/readyz"
+        except OSError:
+            ready = False
+        self.send_response(200 if ready else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+httpd = http.server.HTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+httpd.serve_forever()
+"""
+
+
+def _fake_app(root: Path, main: str = FAKE_ENCLAVE_MAIN) -> Path:
+    (root / "enclave").mkdir(parents=True)
+    (root / "protocol").mkdir()
+    (root / "enclave" / "__init__.py").write_text("")
+    (root / "enclave" / "main.py").write_text(main)
+    (root / "protocol" / "__init__.py").write_text("")
+    return root
+
+
+def _fake_model(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text('{"model_type": "bloom"}')
+    return root
+
+
+def _state_with_config(tmp_path: Path, model: Path) -> stack.StatePaths:
+    paths = stack.StatePaths(tmp_path / "state")
+    paths.prepare()
+    stack.write_enclave_config(
+        paths,
+        key_arn="arn:aws:kms:us-east-1:111122223333:key/k",
+        model_dir=model,
+        kms_endpoint="http://127.0.0.1:4000",
+    )
+    return paths
+
+
+def _started(app: Path) -> list[dict]:
+    path = app / "started.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_app_root_is_recorded_checked_and_defaults_to_the_checkout(tmp_path: Path) -> None:
+    paths = stack.StatePaths(tmp_path / "state")
+    paths.prepare()
+    checkout = stack.checkout_root()
+    assert (checkout / "enclave" / "main.py").is_file()
+    assert stack.app_root(paths) == checkout  # nothing recorded
+    assert stack.record_app_root(paths, None) == checkout
+    app = _fake_app(tmp_path / "app")
+    assert stack.record_app_root(paths, app) == app
+    assert stack.app_root(paths) == app
+    assert json.loads(paths.app_file.read_text()) == {"app_root": str(app)}
+    (app / "protocol" / "__init__.py").unlink()
+    with pytest.raises(stack.StackError, match="no protocol/__init__.py"):
+        stack.record_app_root(paths, app)
+
+
+def test_up_refuses_an_app_root_without_the_enclave_and_starts_nothing(tmp_path, capsys) -> None:
+    state, model = tmp_path / "state", _fake_model(tmp_path / "model")
+    (tmp_path / "empty").mkdir()
+    argv = ["up", "--state-dir", str(state), "--model-dir", str(model)]
+    assert local.main([*argv, "--app-root", str(tmp_path / "empty")]) == 1
+    assert "is not an enclave app root (no enclave/main.py)" in capsys.readouterr().err
+    assert stack.status(stack.StatePaths(state)) == dict.fromkeys(stack.COMPONENTS)
+    assert not (state / "app.json").exists() and not (state / "principals.json").exists()
+
+
+def test_the_enclave_runs_from_the_app_root_not_the_installed_checkout(tmp_path: Path) -> None:
+    # The venv maps `enclave` and `protocol` to the checkout (editable install): the copy must
+    # still be what runs, or the measured files would not be the running ones.
+    paths = _state_with_config(tmp_path, _fake_model(tmp_path / "model"))
+    app = _fake_app(tmp_path / "app")
+    stack.record_app_root(paths, app)
+    proc = stack.start_enclave(paths)
+    try:
+        deadline = time.monotonic() + 20
+        while not _started(app):
+            assert time.monotonic() < deadline, paths.log("enclave").read_text()
+            time.sleep(0.05)
+        [record] = _started(app)
+        assert record["enclave"] == str(app / "enclave" / "__init__.py")
+        assert record["protocol"] == str(app / "protocol" / "__init__.py")
+        assert record["cwd"] == str(app)
+        assert record["pythonpath"].split(os.pathsep)[0] == str(app)
+        assert record["argv"] == [
+            "--config", str(paths.enclave_config),
+            "--listen", f"unix://{paths.enclave_socket}",
+            "--nsm", f"unix://{paths.nsm_socket}",
+        ]  # fmt: skip
+        assert stack.component_pid(paths, "enclave") == proc.pid
+    finally:
+        stack.stop_all(paths)
+
+
+def test_restart_enclave_stops_it_starts_it_with_the_same_arguments_and_waits(tmp_path) -> None:
+    paths = _state_with_config(tmp_path, _fake_model(tmp_path / "model"))
+    app = _fake_app(tmp_path / "app")
+    stack.record_app_root(paths, app)
+    stack.ensure_tls_cert(paths)
+    port = stack.free_port()
+    stack.write_profile(
+        paths,
+        proxy_url=f"https://127.0.0.1:{port}",
+        kms_endpoint="http://127.0.0.1:4000",
+        key_arn="arn:aws:kms:us-east-1:111122223333:key/k",
+        user=stack.ensure_principals(paths).user,
+        attestation_root=paths.ca_dir / "root.pem",
+    )
+    try:
+        kms, nsm = _sleeper(paths, "kms"), _sleeper(paths, "nsm")
+        proxy_argv = [str(port), str(paths.cert), str(paths.tls_key), str(paths.enclave_socket)]
+        proxy = stack.spawn(paths, "proxy", [sys.executable, "-c", FAKE_PROXY, *proxy_argv])
+        first = stack.start_enclave(paths)
+        stack.wait_ready(paths, f"https://127.0.0.1:{port}", [first, proxy], timeout=60)
+
+        started = time.monotonic()
+        second = stack.restart_enclave(paths, timeout=60)
+        took = time.monotonic() - started
+        # Waited for the new process to serve (it pauses 0.5 s before listening), no longer.
+        assert 0.5 <= took < 30
+        assert second.pid != first.pid and _gone(first.pid)
+        assert stack.component_pid(paths, "enclave") == second.pid
+        runs = _started(app)
+        assert len(runs) == 2 and runs[0]["argv"] == runs[1]["argv"]
+        assert runs[1]["enclave"] == str(app / "enclave" / "__init__.py")
+        # The other components were left alone.
+        assert [stack.component_pid(paths, n) for n in ("kms", "nsm", "proxy")] == [
+            kms.pid,
+            nsm.pid,
+            proxy.pid,
+        ]
+        log = paths.log("enclave").read_text()
+        assert log.count("--- nitro-local: starting enclave") == 2
+    finally:
+        stack.stop_all(paths)
+
+
+def test_restart_refuses_when_the_stack_is_not_running(tmp_path: Path, capsys) -> None:
+    state = tmp_path / "state"
+    assert local.main(["restart", "enclave", "--state-dir", str(state)]) == 1
+    err = capsys.readouterr().err
+    assert "is not running (kms, nsm, proxy stopped)" in err and "nitro-local up" in err
+    assert stack.status(stack.StatePaths(state)) == dict.fromkeys(stack.COMPONENTS)
+    for argv in (["restart"], ["restart", "kms"], ["measure", "enclave"], ["up", "--json"]):
+        with pytest.raises(SystemExit) as exited:
+            local.main([*argv, "--state-dir", str(state)])
+        assert exited.value.code == 2
+
+
+def test_measure_json_is_what_the_nsm_emulator_would_report(tmp_path: Path, capsys) -> None:
+    from emulator.measure import measure
+
+    model = _fake_model(tmp_path / "model")
+    paths = _state_with_config(tmp_path, model)
+    app = _fake_app(tmp_path / "app")
+    stack.record_app_root(paths, app)
+    assert local.main(["measure", "--state-dir", str(paths.root), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = measure(app, paths.enclave_config, model)
+    assert printed == {f"PCR{n}": expected[n].hex() for n in (0, 1, 2)}
+    # The checkout measured instead of the copy, the model named on the command line: others.
+    argv = ["measure", "--state-dir", str(paths.root), "--json"]
+    assert local.main([*argv, "--app-root", str(stack.checkout_root())]) == 0
+    assert json.loads(capsys.readouterr().out)["PCR2"] != printed["PCR2"]
+    other = _fake_model(tmp_path / "other-model")
+    (other / "weights.bin").write_bytes(b"\0" * 64)
+    assert local.main([*argv, "--model-dir", str(other)]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["PCR2"]
+        == measure(app, paths.enclave_config, other)[2].hex()
+    )
+    # An edit to the copy shows at once.
+    (app / "enclave" / "main.py").write_text(FAKE_ENCLAVE_MAIN + "# edited\n")
+    assert local.main(argv) == 0
+    edited = json.loads(capsys.readouterr().out)
+    assert edited["PCR0"] != printed["PCR0"] and edited["PCR1"] == printed["PCR1"]
+
+
+def test_measure_without_a_config_says_to_run_up(tmp_path: Path, capsys) -> None:
+    assert local.main(["measure", "--state-dir", str(tmp_path / "state")]) == 1
+    err = capsys.readouterr().err
+    assert "enclave.json does not exist" in err and "nitro-local up" in err
+
+
+def test_policy_pins_reads_every_attestation_condition() -> None:
+    assert stack.policy_pins(_policy()) == {
+        0: frozenset({"ab" * 48}),
+        1: frozenset({"cd" * 48}),
+        2: frozenset({"ef" * 48}),
+    }
+    strict = {
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Condition": {
+                    "StringNotEqualsIgnoreCase": {
+                        "kms:RecipientAttestation:ImageSha384": "AA" * 48,
+                        "kms:recipientattestation:pcr8": ["11" * 48, "22" * 48],
+                    },
+                    "Bool": {"aws:SecureTransport": "true"},
+                },
+            },
+            {"Effect": "Allow", "Condition": "not an object"},
+            "not a statement",
+        ]
+    }
+    assert stack.policy_pins(strict) == {
+        0: frozenset({"aa" * 48}),
+        8: frozenset({"11" * 48, "22" * 48}),
+    }
+    assert stack.policy_pins({"Statement": {"Effect": "Allow"}}) == {}
+    assert stack.policy_pins([]) == {}
+
+
+def test_measure_compares_with_the_policy_the_running_kms_holds(tmp_path: Path, capsys) -> None:
+    model = _fake_model(tmp_path / "model")
+    paths = _state_with_config(tmp_path, model)
+    stack.record_app_root(paths, _fake_app(tmp_path / "app"))
+    stack.ensure_ca(paths)
+    principals = stack.ensure_principals(paths)
+    argv = ["measure", "--state-dir", str(paths.root)]
+    assert local.main(argv) == 0
+    assert "key policy not checked: this stack's KMS is not running" in capsys.readouterr().out
+    try:
+        _kms, endpoint = stack.start_kms(paths)
+        admin = stack.kms_client(endpoint, principals.admin)
+        key_arn = stack.create_or_load_key(paths, admin)
+        pcrs = stack.measure_pcrs(paths, model)
+        stack.apply_local_policy(admin, key_arn, pcrs)
+        assert local.main(argv) == 0
+        out = capsys.readouterr().out
+        for n in (0, 1, 2):
+            assert f"  PCR{n}  {pcrs[n].hex()}\n" in out
+            assert f"  PCR{n}  matches\n" in out
+        assert f"the key policy of {key_arn} pins PCR0, PCR1, PCR2:" in out
+        assert "admits these PCRs" in out and "DIFFERS" not in out
+
+        stack.apply_local_policy(admin, key_arn, {**pcrs, 2: bytes([0x5A]) * 48})
+        assert local.main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"  PCR2  DIFFERS: the policy admits {'5a' * 48}\n" in out
+        assert "  PCR0  matches\n" in out and "KMS will refuse the key" in out
+    finally:
+        stack.stop_all(paths)
