@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from chatbot import verify
 from chatbot.client import ChatError, Conversation, SecureChatClient
 from chatbot.profile import ConfigError, MissingOptionError, load_profile, settings_from_options
 from chatbot.progress import Spinner
+from protocol import attestation
+from protocol.attestation import AttestationError, AttestationPolicy
 from protocol.errors import NitroError
 from protocol.messages import DEFAULT_MAX_NEW_TOKENS
 
@@ -48,6 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="print the answer's words as they arrive (default: print it when complete)",
+    )
+    check = commands.add_parser(
+        "verify-attestation",
+        help="verify a saved attestation document and print what it says",
+        description="Verify a saved attestation document (raw CBOR, or the JSON body of "
+        "/v1/attestation) and print a report. Exit 0 when every check passes.",
+    )
+    _add_common(check, suppress=True)
+    check.add_argument("file", metavar="FILE", help="the document: CBOR bytes or JSON")
+    check.add_argument(
+        "--root",
+        metavar="PEM",
+        help="the root certificate to pin (default: the packaged AWS_NitroEnclaves_Root-G1; "
+        "with --local, the profile's attestation_root)",
+    )
+    check.add_argument(
+        "--at",
+        default="now",
+        metavar="WHEN",
+        help="when to check the certificates' validity: document (its own timestamp), now "
+        "(the default) or an ISO 8601 time (UTC if no zone is given)",
+    )
+    check.add_argument("--nonce", metavar="HEX", help="the nonce the document must carry")
+    check.add_argument(
+        "--refuse-debug",
+        action="store_true",
+        help="fail on a debug-mode document (by default it is flagged, not refused)",
     )
     return parser
 
@@ -101,6 +131,21 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         default=default(False),
         help="also show error details and the server's own (untrusted) messages",
     )
+    group.add_argument(
+        "--expected-pcrs",
+        metavar="FILE",
+        default=default(None),
+        help="before the first question, verify the enclave's attestation (and, where readable, "
+        "the key policy) against these PCRs; FILE is nitro-cli's measurements JSON or "
+        '{"PCR0": "<hex>", ...}',
+    )
+    group.add_argument(
+        "--allow-debug",
+        action="store_true",
+        default=default(False),
+        help="with --expected-pcrs, accept a debug-mode enclave (PCR0-2 zero; its memory is "
+        "readable by the parent: never for real data)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,8 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     verbose = bool(args.verbose)
     try:
+        if args.command == "verify-attestation":
+            return _verify_attestation(args)
         client = _client(args)
         with contextlib.closing(client):
+            _verify_enclave(client, verbose)
             if args.command == "ask":
                 return _ask(client, args)
             return _interactive(client, args)
@@ -141,13 +189,100 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _client(args: argparse.Namespace) -> SecureChatClient:
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= 512:
         raise UsageError("--max-new-tokens must be 1-512")
+    verification: dict[str, Any] = {}
+    if args.allow_debug and not args.expected_pcrs:
+        raise UsageError("--allow-debug goes with --expected-pcrs")
+    if args.expected_pcrs:
+        verification = {
+            "expected_pcrs": verify.load_expected_pcrs(args.expected_pcrs),
+            "allow_debug": args.allow_debug,
+        }
     if args.local:
         profile = load_profile(Path(args.state_dir))
-        return SecureChatClient.from_settings(profile.settings, profile.credentials)
+        if verification:
+            verification["attestation_root"] = _profile_root(profile.attestation_root)
+        return SecureChatClient.from_settings(profile.settings, profile.credentials, **verification)
     settings = settings_from_options(
         args.endpoint, args.key_id, args.region, args.ca_bundle, args.kms_endpoint
     )
-    return SecureChatClient.from_settings(settings)
+    return SecureChatClient.from_settings(settings, **verification)
+
+
+def _profile_root(path: str | None) -> bytes:
+    if path is None:
+        raise ConfigError("the profile names no attestation_root; run `nitro-local up` again")
+    return verify.load_root(path)
+
+
+def _verify_enclave(client: SecureChatClient, verbose: bool) -> None:
+    """With --expected-pcrs: the enclave and the key policy, before anything is sent."""
+    verified = client.verify_enclave()
+    if verified is None:
+        return
+    for warning in verified.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if verbose:
+        document = verified.document
+        pcrs = ", ".join(f"PCR{i}" for i in verified.pcrs_checked)
+        print(
+            f"attestation verified: module {verify.printable_text(document.module_id)}, "
+            f"{pcrs} as expected, PCR0 {document.pcrs[0].hex()[:16]}...; key policy "
+            f"{'checked' if verified.key_policy_checked else 'not checked'}",
+            file=sys.stderr,
+        )
+
+
+def _verify_attestation(args: argparse.Namespace) -> int:
+    """`chatbot verify-attestation FILE`: a report on stdout; failures as errors on stderr."""
+    data = verify.read_document_file(args.file)
+    if args.root:
+        root, root_name = verify.load_root(args.root), args.root
+    elif args.local:
+        profile = load_profile(Path(args.state_dir))
+        root, root_name = _profile_root(profile.attestation_root), "the profile's attestation_root"
+    else:
+        root, root_name = verify.aws_root(), "AWS_NitroEnclaves_Root-G1 (packaged)"
+    expected = verify.load_expected_pcrs(args.expected_pcrs) if args.expected_pcrs else {}
+    nonce = None
+    if args.nonce is not None:
+        try:
+            nonce = bytes.fromhex(args.nonce)
+        except ValueError:
+            nonce = b""
+        if not nonce:
+            raise UsageError("--nonce must be hex")
+    allow_debug = not args.refuse_debug and (not expected or args.allow_debug)
+    try:
+        document = attestation.parse(data)
+    except AttestationError as exc:
+        print(f"{args.file}: not a readable attestation document")
+        _print_document_error(exc)
+        return EXIT_ERROR
+    at = verify.parse_time(args.at, document)
+    for line in verify.report(document, at):
+        print(line)
+    print(f"pinned root: {root_name}")
+    policy = AttestationPolicy(
+        root=root, at=at, pcrs=expected, nonce=nonce, allow_debug=allow_debug
+    )
+    try:
+        attestation.verify(data, policy)
+    except AttestationError as exc:
+        print(f"result: FAILED ({exc.check})", flush=True)
+        _print_document_error(exc)
+        return EXIT_ERROR
+    checked = ["root", "chain", f"validity at {at.isoformat()}", "signature"]
+    if expected:
+        checked.append(", ".join(f"PCR{i}" for i in sorted(expected)))
+    if nonce is not None:
+        checked.append("nonce")
+    print(f"result: PASSED ({'; '.join(checked)})")
+    if document.debug_mode:
+        print(
+            "note: DEBUG MODE: the enclave's memory was readable by its parent; this document "
+            "proves nothing about the code it ran (use --refuse-debug to fail on it)"
+        )
+    return EXIT_OK
 
 
 def _ask(client: SecureChatClient, args: argparse.Namespace) -> int:
@@ -226,8 +361,23 @@ def printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
 
 
+def _print_document_error(exc: AttestationError) -> None:
+    print(f"error: {exc.code.code}: the document failed verification", file=sys.stderr)
+    _print_check(exc.check, exc.detail)
+
+
+def _print_check(check: str, detail: str | None) -> None:
+    # The verifier's own words (the document's values, never a secret): always shown.
+    print(f"failed check: {detail or check}", file=sys.stderr)
+    print(f"  ({check}: {verify.describe_check(check)})", file=sys.stderr)
+
+
 def _print_error(exc: NitroError, verbose: bool) -> None:
     print(exc.diagnostics(), file=sys.stderr)
+    check = getattr(exc, "check", None)
+    if check:
+        _print_check(check, exc.detail)
+        return
     if isinstance(exc, ChatError) and exc.hint:
         print(f"note: {exc.hint}", file=sys.stderr)
     if not verbose:

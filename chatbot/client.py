@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,37 @@ import urllib3
 
 from chatbot.profile import (
     ClientSettings,
+    ConfigError,
     UserCredentials,
     build_kms_client,
     load_profile,
 )
+from chatbot.verify import (
+    EnclaveExpectation,
+    VerifiedEnclave,
+    aws_root,
+    document_from_json,
+    load_root,
+    verify_enclave,
+)
 from protocol import envelope
+from protocol.attestation import AttestationError
 from protocol.errors import ErrorCode, NitroError, error_from_wire
 from protocol.messages import CONTENT_JSON, CONTENT_NDJSON, MAX_PROMPT_CHARS, Question
 from protocol.prompt import format_prompt
 
-__all__ = ["Answer", "ChatError", "ClientSettings", "Conversation", "SecureChatClient"]
+__all__ = [
+    "Answer",
+    "ChatError",
+    "ClientSettings",
+    "Conversation",
+    "SecureChatClient",
+    "VerifiedEnclave",
+]
 
 USER_AGENT = "nitro-llm-chatbot/0.1"
 MAX_ERROR_BODY = 64 * 1024
+MAX_ATTESTATION_BODY = 64 * 1024  # a document is about 4.5 KiB, 6 in base64
 _READ_STEP = 64 * 1024
 _FINISH_REASONS = {"stop", "length", "cancelled"}
 _CHUNK_FIELDS = {"text", "tokens"}
@@ -99,25 +117,67 @@ class SecureChatClient:
         *,
         kms_client: Any = None,
         session: urllib3.PoolManager | None = None,
+        expected_pcrs: Mapping[int, bytes] | None = None,
+        attestation_root: bytes | None = None,
+        allow_debug: bool = False,
     ) -> None:
         """`kms_client`: a boto3 KMS client (the standard credential chain when None).
-        `session`: the HTTP connection pool (built to verify `settings.ca_bundle` when None)."""
+        `session`: the HTTP connection pool (built to verify `settings.ca_bundle` when None).
+        `expected_pcrs`: when given, nothing is sent (not even the KMS call) before the enclave
+        behind the proxy proved, by a fresh attestation document chaining to
+        `attestation_root` (DER; AWS's root when None), that it runs with these PCRs, not in
+        debug mode unless `allow_debug`; and, where the key policy is readable, that the
+        policy admits kms:Decrypt only to such an enclave. See `verify_enclave`."""
         self.settings = settings
         self._kms = kms_client if kms_client is not None else build_kms_client(settings)
         self._http = session if session is not None else _connection_pool(settings)
+        self._expectation: EnclaveExpectation | None = None
+        if expected_pcrs is not None:
+            if not expected_pcrs:
+                raise ConfigError("expected_pcrs names no PCR")
+            self._expectation = EnclaveExpectation(
+                root=attestation_root if attestation_root is not None else aws_root(),
+                pcrs=dict(expected_pcrs),
+                allow_debug=allow_debug,
+            )
+        self.verified: VerifiedEnclave | None = None
 
     @classmethod
-    def from_profile(cls, path: Path) -> SecureChatClient:
-        """A client for the local stack: `path` is its state directory or its profile.json."""
+    def from_profile(cls, path: Path, **verification: Any) -> SecureChatClient:
+        """A client for the local stack: `path` is its state directory or its profile.json.
+        With `expected_pcrs=`, the profile's `attestation_root` is the pinned root."""
         profile = load_profile(path)
-        return cls.from_settings(profile.settings, profile.credentials)
+        if verification.get("expected_pcrs") is not None and "attestation_root" not in verification:
+            if profile.attestation_root is None:
+                raise ConfigError("the profile names no attestation_root; run `nitro-local up`")
+            verification["attestation_root"] = load_root(profile.attestation_root)
+        return cls.from_settings(profile.settings, profile.credentials, **verification)
 
     @classmethod
     def from_settings(
-        cls, settings: ClientSettings, credentials: UserCredentials | None = None
+        cls,
+        settings: ClientSettings,
+        credentials: UserCredentials | None = None,
+        **verification: Any,
     ) -> SecureChatClient:
-        """A client whose KMS client uses `credentials`, or the standard chain when None."""
-        return cls(settings, kms_client=build_kms_client(settings, credentials))
+        """A client whose KMS client uses `credentials`, or the standard chain when None;
+        `verification`: expected_pcrs, attestation_root, allow_debug (see __init__)."""
+        return cls(settings, kms_client=build_kms_client(settings, credentials), **verification)
+
+    def verify_enclave(self) -> VerifiedEnclave | None:
+        """Check the enclave (and the key policy) now, once per client; None when this client
+        was built without `expected_pcrs`. Raises AttestationError or KeyPolicyError, whose
+        `check` names the failed check. Conversations call this before their first request."""
+        if self._expectation is None:
+            return None
+        if self.verified is None:
+            self.verified = verify_enclave(
+                self._fetch_attestation,
+                self._expectation,
+                kms=self._kms,
+                key_id=self.settings.key_id,
+            )
+        return self.verified
 
     def __repr__(self) -> str:
         return f"SecureChatClient(proxy_url={self.settings.proxy_url!r})"
@@ -140,6 +200,30 @@ class SecureChatClient:
 
     # ---- plumbing for Conversation ---------------------------------------------------------
 
+    def _fetch_attestation(self, nonce: bytes) -> bytes:
+        """GET /v1/attestation?nonce=<hex>: the enclave's document, unverified."""
+        settings = self.settings
+        url = f"{settings.proxy_url.rstrip('/')}/v1/attestation?nonce={nonce.hex()}"
+        headers = {"Accept": CONTENT_JSON, "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+        response = self._request("GET", url, None, headers, settings.connect_timeout_s)
+        try:
+            deadline = time.monotonic() + settings.timeout_s
+            if response.status != 200:
+                raise _http_error(response, settings, deadline)
+            body = b"".join(_raw_pieces(response, MAX_ATTESTATION_BODY, deadline))
+        except ChatError as exc:
+            if exc.code is ErrorCode.ANSWER_INVALID:  # too large, or the connection broke
+                raise AttestationError("response", exc.detail or "unreadable answer") from exc
+            raise
+        finally:
+            response.close()
+            response.release_conn()
+        try:
+            obj = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AttestationError("response", "the proxy's answer is not JSON") from exc
+        return document_from_json(obj)
+
     def _new_data_key(self) -> _DataKey:
         session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
         context = {"app": envelope.APP, "session": session}
@@ -156,18 +240,22 @@ class SecureChatClient:
             "Accept-Encoding": "identity",
             "User-Agent": USER_AGENT,
         }
+        return self._request("POST", settings.chat_url, body, headers, settings.timeout_s)
+
+    def _request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], read_s: float
+    ) -> Any:
+        settings = self.settings
         try:
             return self._http.request(
-                "POST",
-                settings.chat_url,
+                method,
+                url,
                 body=body,
                 headers=headers,
                 preload_content=False,
                 redirect=False,
                 retries=False,
-                timeout=urllib3.Timeout(
-                    connect=settings.connect_timeout_s, read=settings.timeout_s
-                ),
+                timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=read_s),
             )
         except urllib3.exceptions.SSLError as exc:
             raise ChatError(
@@ -256,6 +344,8 @@ class Conversation:
             raise ChatError(exc.code, exc.detail) from exc
 
         settings = self._client.settings
+        # Before anything leaves this machine (the KMS call included): the enclave and the key.
+        self._client.verify_enclave()
         key = self._current_key()
         header = envelope.Header(
             key_id=settings.key_id,

@@ -165,6 +165,13 @@ class ErrorCode(enum.Enum):
         502,
         "The enclave's attestation document failed verification. Nothing was sent.",
     )
+    KEY_POLICY_UNSAFE = (
+        "key_policy_unsafe",
+        502,
+        "The KMS key's policy would release your data key to something other than the expected "
+        "enclave image (or to nothing at all). Nothing was sent. Ask the key's owner to pin "
+        "kms:Decrypt to the enclave's PCRs.",
+    )
 
     def __init__(self, code: str, http_status: int, client_text: str) -> None:
         self.code = code

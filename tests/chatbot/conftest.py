@@ -1,5 +1,6 @@
 """Stand-ins for the chatbot's tests: a TLS server playing proxy + enclave with the real envelope
-code, a stub KMS object, a tiny KMS JSON-protocol HTTP server for boto3, and a test CA.
+code, a stub KMS object, a tiny KMS JSON-protocol HTTP server for boto3, and a test CA. The
+stand-in enclave's attestation documents come from the real NSM emulator and its CA.
 
 The stubs replace KMS only at its boundary (a fixed data key); the real KMS emulator is exercised
 by the end-to-end tests. Nothing here prints or logs a question, an answer or a key.
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import ipaddress
 import json
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,14 +25,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from chatbot.client import SecureChatClient
 from chatbot.profile import ClientSettings
+from emulator.ca import LocalCA
+from emulator.nsm_server import NsmEmulator
 from protocol import envelope
+from protocol import nsm as nsm_messages
 from protocol.errors import ErrorCode, NitroError
 from protocol.messages import CONTENT_JSON, CONTENT_NDJSON
 
@@ -113,11 +120,21 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 class StubKms:
-    """The KMS boundary only: GenerateDataKey answers a fixed key, and the calls are recorded."""
+    """The KMS boundary only: GenerateDataKey answers a fixed key, and the calls are recorded.
+    GetKeyPolicy answers `key_policy` (a JSON object), or AccessDenied when it is None."""
 
     def __init__(self, error: Exception | None = None) -> None:
         self.calls: list[dict[str, Any]] = []
         self.error = error
+        self.key_policy: dict[str, Any] | None = None
+        self.policy_reads: list[dict[str, Any]] = []
+
+    def get_key_policy(self, **kwargs: Any) -> dict[str, Any]:
+        self.policy_reads.append(kwargs)
+        if self.key_policy is None:
+            error = {"Code": "AccessDeniedException", "Message": "not allowed"}
+            raise ClientError({"Error": error}, "GetKeyPolicy")
+        return {"Policy": json.dumps(self.key_policy), "PolicyName": "default"}
 
     def generate_data_key(self, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(kwargs)
@@ -136,6 +153,10 @@ class KmsHttpServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _KmsHandler)
         self.calls: list[dict[str, Any]] = []
         self.deny = False
+        self.key_policy: dict[str, Any] | None = None  # GetKeyPolicy: AccessDenied when None
+
+    def targets(self) -> list[str]:
+        return [str(call["target"]).rsplit(".", 1)[-1] for call in self.calls]
 
     @property
     def url(self) -> str:
@@ -159,6 +180,13 @@ class _KmsHandler(BaseHTTPRequestHandler):
         )
         if self.server.deny:
             self._reply(400, {"__type": "AccessDeniedException", "message": "not allowed"})
+            return
+        if self.headers.get("X-Amz-Target") == "TrentService.GetKeyPolicy":
+            if self.server.key_policy is None:
+                self._reply(400, {"__type": "AccessDeniedException", "message": "not allowed"})
+            else:
+                policy = json.dumps(self.server.key_policy)
+                self._reply(200, {"Policy": policy, "PolicyName": "default"})
             return
         edk = f"edk-{len(self.server.calls)}".encode()
         self._reply(
@@ -215,6 +243,67 @@ class Script:
     delay_s: float = 0.0
 
 
+PCR_SIZE = 48
+
+
+def measured(label: str) -> dict[int, bytes]:
+    """PCR0-15 as an NSM reports them: 0-2 measured (from `label`), the others zero."""
+    pcrs = dict.fromkeys(range(16), bytes(PCR_SIZE))
+    for index in (0, 1, 2):
+        pcrs[index] = hashlib.sha384(f"{label} PCR{index}".encode()).digest()
+    return pcrs
+
+
+class StandInEnclave:
+    """The attestation half of an enclave: a per-boot RSA key, and documents from the real NSM
+    emulator (its CA in DIR/nsm-ca, as `nitro-local up` keeps it). `mode` breaks it on purpose:
+    ok, replay (the first document again, whatever the nonce), no_nonce, not_json, not_base64,
+    truncated, http_error."""
+
+    def __init__(self, ca_dir: Path, *, debug_mode: bool = False, clock: Any = time.time) -> None:
+        self.ca = LocalCA.load_or_create(ca_dir)
+        self.pcrs = measured("stand-in enclave")
+        self.nsm = NsmEmulator(self.ca, lambda: self.pcrs, debug_mode=debug_mode, clock=clock)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.mode = "ok"
+        self.nonces: list[str | None] = []
+        self._first: bytes | None = None
+
+    @property
+    def root_pem(self) -> Path:
+        return self.ca.root_pem_path
+
+    def document(self, nonce: bytes | None) -> bytes:
+        # The public key is always the enclave's own, as enclave/server.py does.
+        request = nsm_messages.AttestationRequest(nonce=nonce, public_key=self.public_key)
+        response = self.nsm.answer(request)
+        assert isinstance(response, nsm_messages.AttestationResponse)
+        return response.document
+
+    def answer(self, nonce_hex: str | None) -> tuple[int, bytes]:
+        """(HTTP status, body) for GET /v1/attestation?nonce=<nonce_hex>."""
+        self.nonces.append(nonce_hex)
+        nonce = bytes.fromhex(nonce_hex) if nonce_hex else None
+        document = self.document(None if self.mode == "no_nonce" else nonce)
+        self._first = self._first or document
+        if self.mode == "replay":
+            document = self._first
+        if self.mode == "truncated":
+            document = document[:-20]
+        if self.mode == "http_error":
+            body = NitroError(ErrorCode.ENCLAVE_UNAVAILABLE).to_wire()
+            return 503, json.dumps(body).encode()
+        if self.mode == "not_json":
+            return 200, b"<html>a proxy of some other kind</html>"
+        encoded = base64.b64encode(document).decode()
+        if self.mode == "not_base64":
+            encoded = "*" + encoded
+        return 200, json.dumps({"document": encoded}).encode()
+
+
 @dataclass
 class ChatState:
     seen: list[Seen] = field(default_factory=list)
@@ -222,6 +311,7 @@ class ChatState:
     script: Script = field(default_factory=Script)
     gate: threading.Event = field(default_factory=threading.Event)
     gate_used: bool = False
+    enclave: StandInEnclave | None = None  # None: GET /v1/attestation is 404
 
 
 def answer_text(question: dict[str, Any]) -> str:
@@ -260,6 +350,18 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def do_GET(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        enclave = self.server.state.enclave
+        if parts.path != "/v1/attestation" or enclave is None:
+            body = json.dumps(NitroError(ErrorCode.NOT_FOUND).to_wire()).encode()
+            self._send(404, CONTENT_JSON, [body], chunked=False)
+            return
+        query = urllib.parse.parse_qs(parts.query)
+        assert set(query) <= {"nonce"}, "the client sends only a nonce"
+        status, body = enclave.answer(query.get("nonce", [None])[0])
+        self._send(status, CONTENT_JSON, [body], chunked=False)
 
     def do_POST(self) -> None:
         state = self.server.state
@@ -407,6 +509,15 @@ def stub_kms() -> StubKms:
 
 
 @pytest.fixture
+def enclave(tmp_path: Path, chat_server: ChatServer) -> StandInEnclave:
+    """A stand-in enclave answering GET /v1/attestation on `chat_server`; its CA lives where
+    `write_profile` says the local stack keeps it (tmp_path/state/nsm-ca)."""
+    stand_in = StandInEnclave(tmp_path / "state" / "nsm-ca")
+    chat_server.state.enclave = stand_in
+    return stand_in
+
+
+@pytest.fixture
 def client(chat_server: ChatServer, tls_files: TlsFiles, stub_kms: StubKms) -> SecureChatClient:
     return SecureChatClient(make_settings(chat_server, tls_files), kms_client=stub_kms)
 
@@ -446,4 +557,6 @@ def kit() -> SimpleNamespace:
         answer_chunks=answer_chunks,
         make_settings=make_settings,
         write_profile=write_profile,
+        StandInEnclave=StandInEnclave,
+        measured=measured,
     )
