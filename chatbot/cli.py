@@ -79,6 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail on a debug-mode document (by default it is flagged, not refused)",
     )
+    serve = commands.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API on loopback, sealing every request for the enclave",
+        description="Verify the enclave, then serve /v1/chat/completions, /v1/completions and "
+        "/v1/models for any OpenAI client; each request is sealed for the enclave (protocol v2).",
+    )
+    _add_common(serve, suppress=True)
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:8088",
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:8088; a non-loopback address needs "
+        "--api-key-file)",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require `Authorization: Bearer <key>` with the key in FILE",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests answered at once; more get 503 with Retry-After (default 4)",
+    )
     return parser
 
 
@@ -158,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "verify-attestation":
             return _verify_attestation(args)
+        if args.command == "serve":
+            return _serve(args)
         client = _client(args)
         with contextlib.closing(client):
             _verify_enclave(client, verbose)
@@ -206,6 +234,49 @@ def _client(args: argparse.Namespace) -> SecureChatClient:
         args.endpoint, args.key_id, args.region, args.ca_bundle, args.kms_endpoint
     )
     return SecureChatClient.from_settings(settings, **verification)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`chatbot serve`: verify the enclave, then the OpenAI-compatible gateway until stopped."""
+    from chatbot import gateway  # Flask and werkzeug, for this command only
+
+    try:
+        api_key = gateway.read_api_key(args.api_key_file) if args.api_key_file else None
+        gateway.check_listen(args.listen, api_key)  # before anything is read or contacted
+        expected = verify.load_expected_pcrs(args.expected_pcrs) if args.expected_pcrs else None
+        if args.local:
+            profile = load_profile(Path(args.state_dir))
+            settings, credentials = profile.settings, profile.credentials
+            root = _profile_root(profile.attestation_root)
+        else:
+            settings = settings_from_options(
+                args.endpoint, args.key_id, args.region, args.ca_bundle, args.kms_endpoint
+            )
+            credentials, root = None, verify.aws_root()
+
+        def new_client(pcrs: Any) -> SecureChatClient:
+            if pcrs is None:
+                return SecureChatClient.from_settings(settings, credentials)
+            return SecureChatClient.from_settings(
+                settings,
+                credentials,
+                expected_pcrs=pcrs,
+                attestation_root=root,
+                allow_debug=args.allow_debug,
+            )
+
+        return gateway.serve(
+            new_client,
+            root=root,
+            expected=expected,
+            allow_debug=args.allow_debug,
+            listen=args.listen,
+            api_key=api_key,
+            max_concurrency=args.max_concurrency,
+            out=sys.stderr,
+        )
+    except gateway.GatewayConfigError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _profile_root(path: str | None) -> bytes:

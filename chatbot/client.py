@@ -103,6 +103,7 @@ class _DataKey:
 class _Chunk:
     text: str
     final: bool
+    tokens: int = 0
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -303,7 +304,7 @@ class Conversation:
     ) -> Answer:
         """Ask, wait for the whole answer, add the turn to the history."""
         params = _params(max_new_tokens, temperature, top_p, seed)
-        *_, (_text, answer) = self._exchange(question, params, stream=False)
+        *_, (_text, _tokens, answer) = self._exchange(question, params, stream=False)
         assert answer is not None  # _exchange ends with the final chunk or raises
         return answer
 
@@ -322,19 +323,35 @@ class Conversation:
         when the final chunk has verified; closing the iterator early cancels the answer.
         """
         params = _params(max_new_tokens, temperature, top_p, seed)
-        for text, _answer in self._exchange(question, params, stream=True):
+        for text, _tokens, _answer in self._exchange(question, params, stream=True):
             if text:
                 yield text
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        stream: bool = True,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[tuple[str, int, Answer | None]]:
+        """Send `prompt` verbatim (no template; the history is neither used nor updated) and
+        yield (text, tokens, None) per verified chunk, then (text, tokens, Answer) for the final
+        one. The request is sent on the first `next()`; closing early cancels the answer."""
+        params = _params(max_new_tokens, temperature, top_p, seed)
+        return self._exchange(prompt, params, stream=stream, verbatim=True)
 
     # ---- one turn --------------------------------------------------------------------------
 
     def _exchange(
-        self, question: str, params: dict[str, Any], stream: bool
-    ) -> Iterator[tuple[str, Answer | None]]:
-        """Send one turn; yield (text, None) per chunk and (text, Answer) for the final one."""
+        self, question: str, params: dict[str, Any], stream: bool, verbatim: bool = False
+    ) -> Iterator[tuple[str, int, Answer | None]]:
+        """Send one turn; yield (text, tokens, None) per chunk, (text, tokens, Answer) last."""
         if not question.strip():
             raise ChatError(ErrorCode.INVALID_PARAMETERS, "empty question", hint="Ask something.")
-        prompt = format_prompt(question, self.history)
+        prompt = question if verbatim else format_prompt(question, self.history)
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ChatError(ErrorCode.PROMPT_TOO_LONG, "prompt over the character cap")
         try:
@@ -368,7 +385,7 @@ class Conversation:
             for chunk in _read_answer(response, sealed, key.keys, settings, deadline):
                 texts.append(chunk.text)
                 if not chunk.final:
-                    yield chunk.text, None
+                    yield chunk.text, chunk.tokens, None
                     continue
                 answer = Answer(
                     text="".join(texts),
@@ -377,9 +394,10 @@ class Conversation:
                     completion_tokens=chunk.completion_tokens,
                     request_id=header.request_id,
                 )
-                self.history.append((question, answer.text))
+                if not verbatim:
+                    self.history.append((question, answer.text))
                 self.last_answer = answer
-                yield chunk.text, answer
+                yield chunk.text, chunk.tokens, answer
         finally:
             # Dropping the connection (not returning it to the pool) is how a cancelled
             # stream tells the proxy, and through it the enclave, to stop generating.
@@ -477,7 +495,7 @@ def _chunk(content: dict[str, Any], final: bool) -> _Chunk:
     if not isinstance(text, str) or not _count(tokens):
         raise bad
     if not final:
-        return _Chunk(text, final=False)
+        return _Chunk(text, final=False, tokens=tokens)
     usage = content["usage"]
     if content["finish_reason"] not in _FINISH_REASONS or not isinstance(usage, dict):
         raise bad
@@ -488,6 +506,7 @@ def _chunk(content: dict[str, Any], final: bool) -> _Chunk:
     return _Chunk(
         text,
         final=True,
+        tokens=tokens,
         finish_reason=content["finish_reason"],
         prompt_tokens=usage["prompt_tokens"],
         completion_tokens=usage["completion_tokens"],
