@@ -294,6 +294,26 @@ def ensure_ca(paths: StatePaths) -> Path:
     return Path(LocalCA.load_or_create(paths.ca_dir).root_pem_path)
 
 
+# The fast engine's prepared weights (enclave/fast_engine.py PREPARED_FILE), written ahead by
+# scripts/save_model.py --quantize as an image build would: the enclave converts nothing at boot.
+PREPARED_WEIGHTS = "model-int8.safetensors"
+PREPARE_TIMEOUT_S = 600
+
+
+def prepare_weights(model_dir: Path) -> None:
+    """Add the int8 weights to `model_dir`, running the image build's own step."""
+    script = app_root() / "scripts" / "save_model.py"
+    done = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+        [sys.executable, str(script), "--quantize", str(model_dir), str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=PREPARE_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise StackError(f"preparing the int8 weights failed: {done.stderr.strip()[-300:]}")
+
+
 def ensure_model(
     paths: StatePaths, model_dir: Path | None = None, progress: Progress | None = None
 ) -> Path:
@@ -302,9 +322,16 @@ def ensure_model(
         model_dir = Path(os.path.abspath(model_dir))
         if not (model_dir / "config.json").is_file():
             raise StackError(f"{model_dir} holds no model (no config.json)")
+        if not (model_dir / PREPARED_WEIGHTS).is_file():
+            raise StackError(
+                f"{model_dir} has no int8 weights for the fast engine; prepare them with "
+                f"python scripts/save_model.py --quantize {model_dir} {model_dir}"
+            )
         return model_dir
     target = paths.default_model_dir
     if (target / "config.json").is_file():
+        if not (target / PREPARED_WEIGHTS).is_file():  # built before the fast engine existed
+            prepare_weights(target)
         return target
     if target.exists():  # left by an older, interrupted build
         _remove_tree(target)
@@ -316,6 +343,7 @@ def ensure_model(
     staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".model-"))
     try:
         build_tiny_model(staging, progress=report)
+        prepare_weights(staging)
         os.replace(staging, target)
     finally:
         if staging.exists():

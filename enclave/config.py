@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+ENGINES = ("fast", "reference")  # enclave.engine.BACKENDS, without importing torch here
 _REGION_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -34,6 +35,9 @@ class EnclaveConfig:
     max_connections: int = 32
     max_frame_bytes: int = 1 << 20
     kms_timeout_s: float = 10.0
+    engine: str = "fast"  # "fast" (int8, batched; needs prepared weights) or "reference"
+    max_batch: int = 8  # sequences decoded together
+    max_queue: int = 32  # requests waiting for a slot; more get `overloaded`
 
     @classmethod
     def load(cls, path: str | Path) -> EnclaveConfig:
@@ -74,6 +78,8 @@ class EnclaveConfig:
         for name in ("kms_endpoint", "ca_bundle"):
             if values.get(name) is not None and not isinstance(values[name], str):
                 raise ConfigError(f"{name} must be a string or null")
+        if values.get("engine", "fast") not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}")
         if not isinstance(values.get("debug_plaintext_log", False), bool):
             raise ConfigError("debug_plaintext_log must be true or false")
         limits = {
@@ -85,11 +91,15 @@ class EnclaveConfig:
             "max_connections": (1, 1024),
             "max_frame_bytes": (4096, 64 << 20),
             "kms_timeout_s": (0.1, 120),
+            "max_batch": (1, 64),
+            "max_queue": (0, 4096),
         }
         for name, (low, high) in limits.items():
             value = values.get(name, known[name].default)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number")
+            if name in ("max_batch", "max_queue") and not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number")
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be between {low} and {high}")
         return cls(**values)

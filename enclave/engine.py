@@ -1,14 +1,15 @@
 """The LLM engine inside the enclave: a prompt in, a stream of generated tokens out.
 
-`Engine` is the interface the server uses; `TransformersEngine` is the `reference` backend
-(transformers, fp32, eager attention, CPU) with a manual decode loop over the KV cache.
+`Engine` is the interface the server uses; `load_engine` builds one of two backends, both run by
+the continuous-batching scheduler (enclave/scheduler.py): `reference` (transformers, fp32, eager
+attention, one request at a time: the original sample's configuration) and `fast` (int8 BLOOM
+in plain torch, many requests per step: enclave/fast_engine.py).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +85,254 @@ def check_params(params: GenerationParams) -> None:
         raise NitroError(bad, "seed must be a non-negative 63-bit integer or null")
 
 
-class TransformersEngine:
-    """The reference backend: one generation at a time, fp32, eager attention."""
+BACKENDS = ("reference", "fast")
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 32
+# Keys and values of every admitted sequence together: bounds the caches' memory (fp32 BLOOM-560m
+# takes 192 KiB a token, so 8192 tokens are 1.5 GiB at most; docs/performance.md).
+DEFAULT_MAX_BATCH_TOKENS = 8192
 
-    name = "reference"
+
+def load_engine(
+    model_dir: Path,
+    backend: str = "fast",
+    *,
+    max_prompt_tokens: int = 1024,
+    threads: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> ScheduledEngine:
+    """The engine of `backend` over the model in `model_dir` (never a hub).
+
+    `fast` needs the weights prepared ahead (`scripts/save_model.py --quantize`) and refuses a
+    directory without them; `reference` reads transformers' own files. `threads` sets torch's
+    intra-op thread count for the process.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
+    _set_threads(threads)
+    if backend == "reference":
+        return TransformersEngine.load(
+            model_dir, max_prompt_tokens=max_prompt_tokens, max_queue=max_queue
+        )
+    from enclave.fast_engine import BloomForward
+
+    model_dir = Path(model_dir)
+    codec = _TokenizersCodec.load(model_dir)
+    forward = BloomForward.from_prepared(model_dir)
+    return ScheduledEngine(
+        "fast",
+        codec,
+        _FastBatchModel(forward, max_batch),
+        max_prompt_tokens=max_prompt_tokens,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_batch_tokens=max_batch_tokens,
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        torch.set_num_threads(threads)
+
+
+class ScheduledEngine:
+    """An Engine over a scheduler: checks and tokenizes in the caller's thread, decodes text there.
+
+    The inference thread only runs the model and picks tokens; turning tokens into text and
+    asking `should_stop` happen in the caller's (the connection's) thread.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        codec: Any,
+        model: Any,
+        *,
+        max_prompt_tokens: int = 1024,
+        max_batch: int = 1,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_wait_s: float = DEFAULT_BUSY_TIMEOUT,
+        prefill_chunk: int | None = None,
+    ) -> None:
+        from enclave.scheduler import PREFILL_CHUNK_TOKENS, Scheduler
+
+        if max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be at least 1")
+        self.name = name
+        self.codec = codec
+        self.max_prompt_tokens = max_prompt_tokens
+        self.eos_token_id: int = model.eos_token_id
+        self.scheduler = Scheduler(
+            model,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            # Any single request fits: a prompt at the cap and the longest answer.
+            max_batch_tokens=max(max_batch_tokens, max_prompt_tokens + MAX_NEW_TOKENS_CAP),
+            max_wait_s=max_wait_s,
+            prefill_chunk=prefill_chunk or PREFILL_CHUNK_TOKENS,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.codec.encode(text))
+
+    def generate(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Step]:
+        """Check the request and queue it now, then return an iterator of Steps, one per token.
+
+        Raises INVALID_PARAMETERS, PROMPT_TOO_LONG or OVERLOADED (the queue is full) before any
+        model work. The last Step has a finish_reason. `should_stop` is asked after each token;
+        True ends the stream there with "cancelled", and so does closing the iterator: either
+        way the request leaves the batch at the next step. The concatenated Step texts equal
+        the tokenizer's decode of the generated ids (special tokens skipped, no space clean-up);
+        the prompt is never repeated.
+        """
+        check_params(params)
+        if not isinstance(prompt, str) or not prompt:
+            raise NitroError(ErrorCode.INVALID_PARAMETERS, "prompt must be a non-empty string")
+        if len(prompt) > self.max_prompt_tokens * MAX_PROMPT_CHARS_PER_TOKEN:
+            raise NitroError(ErrorCode.PROMPT_TOO_LONG)
+        prompt_ids = self.codec.encode(prompt)
+        if not prompt_ids:
+            raise NitroError(ErrorCode.INVALID_PARAMETERS, "prompt has no tokens")
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise NitroError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt has {len(prompt_ids)} tokens, the limit is {self.max_prompt_tokens}",
+            )
+        sampler = _Sampler(params) if params.temperature > 0 else None
+        stream = self.scheduler.submit(
+            prompt_ids,
+            params.max_new_tokens,
+            params.min_new_tokens,
+            sampler.pick if sampler else None,
+        )
+        return self._steps(stream, should_stop)
+
+    def _steps(self, stream: Any, should_stop: Callable[[], bool] | None) -> Iterator[Step]:
+        generated: list[int] = []
+        emitted = ""
+        try:
+            for token, finish in stream:
+                if finish == "stop":
+                    yield Step(self.codec.decode(generated)[len(emitted) :], token, "stop")
+                    return
+                generated.append(token)
+                reason = finish
+                if reason is None and should_stop is not None and should_stop():
+                    reason = "cancelled"
+                text = self.codec.decode(generated)
+                # Hold back an incomplete UTF-8 sequence until a later token completes it; the
+                # last step flushes whatever is left, so the texts always add up to the decode.
+                if reason is None and text.endswith(_REPLACEMENT_CHAR):
+                    new = ""
+                else:
+                    new, emitted = text[len(emitted) :], text
+                yield Step(new, token, reason)
+                if reason is not None:
+                    return
+        finally:
+            stream.close()  # cancelled, or a no-op after the last token
+
+    def close(self) -> None:
+        """Stop the inference thread (pending requests get not_ready)."""
+        self.scheduler.close()
+
+
+class _TransformersCodec:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        # No "clean-up" of spaces before punctuation: it could rewrite text already streamed.
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+
+class _TokenizersCodec:
+    """tokenizer.json through `tokenizers` alone: the fast backend never imports transformers."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, model_dir: Path) -> _TokenizersCodec:
+        from tokenizers import Tokenizer
+
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+        return cls(Tokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _FastBatchModel:
+    """The fast forward as the scheduler's BatchModel."""
+
+    def __init__(self, forward: Any, max_batch: int) -> None:
+        self.forward = forward
+        self.eos_token_id = forward.shape.eos_token_id
+        self.max_batch = max_batch
+
+    def new_sequence(self, capacity: int) -> Any:
+        return self.forward.new_cache(capacity)
+
+    def step(self, work: Any) -> list[Any]:
+        from enclave.fast_engine import Work
+
+        return self.forward.step([Work(cache, tokens, want) for cache, tokens, want in work])
+
+
+class _HfSequence:
+    past: Any = None
+
+
+class _HfBatchModel:
+    """transformers' BloomForCausalLM as a BatchModel of one sequence at a time."""
+
+    max_batch = 1
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.eos_token_id: int = model.config.eos_token_id
+
+    def new_sequence(self, capacity: int) -> _HfSequence:
+        return _HfSequence()
+
+    def step(self, work: Any) -> list[Any]:
+        import torch
+
+        ((sequence, tokens, want),) = work
+        out = self.model(
+            input_ids=torch.tensor([list(tokens)]),
+            past_key_values=sequence.past,
+            use_cache=True,
+        )
+        sequence.past = out.past_key_values
+        return [out.logits[0, -1, :].float() if want else None]
+
+
+class TransformersEngine(ScheduledEngine):
+    """The reference backend: one generation at a time, fp32, eager attention."""
 
     def __init__(
         self,
@@ -96,15 +341,21 @@ class TransformersEngine:
         *,
         max_prompt_tokens: int = 1024,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
-        if max_prompt_tokens < 1:
-            raise ValueError("max_prompt_tokens must be at least 1")
         self.model = model
         self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-        self.busy_timeout = busy_timeout
-        self.eos_token_id: int = model.config.eos_token_id
-        self._lock = threading.Lock()
+        super().__init__(
+            "reference",
+            _TransformersCodec(tokenizer),
+            _HfBatchModel(model),
+            max_prompt_tokens=max_prompt_tokens,
+            max_batch=1,
+            max_queue=max_queue,
+            max_wait_s=busy_timeout,
+            # The whole prompt in one forward, as the sample did.
+            prefill_chunk=max_prompt_tokens,
+        )
 
     @classmethod
     def load(
@@ -114,6 +365,7 @@ class TransformersEngine:
         max_prompt_tokens: int = 1024,
         threads: int | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> TransformersEngine:
         """Load the tokenizer (tokenizer.json) and the BLOOM weights from a local directory.
 
@@ -123,10 +375,7 @@ class TransformersEngine:
         from transformers import AutoTokenizer, BloomForCausalLM
         from transformers.utils import logging as hf_logging
 
-        if threads is not None:
-            if threads < 1:
-                raise ValueError("threads must be at least 1")
-            torch.set_num_threads(threads)
+        _set_threads(threads)
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file():
             # Without it transformers would try to build a slow tokenizer or look elsewhere.
@@ -141,101 +390,13 @@ class TransformersEngine:
             local_files_only=True,
         )
         model.eval()
-        return cls(model, tokenizer, max_prompt_tokens=max_prompt_tokens, busy_timeout=busy_timeout)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
-
-    def generate(
-        self,
-        prompt: str,
-        params: GenerationParams,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[Step]:
-        """Check the request now, then return an iterator of Steps, one per generated token.
-
-        Raises INVALID_PARAMETERS or PROMPT_TOO_LONG before any model work. The last Step has
-        a finish_reason. `should_stop` is asked after each token; True ends the stream there
-        with "cancelled". The concatenated Step texts equal the tokenizer's decode of the
-        generated ids (special tokens skipped, no space clean-up); the prompt is never repeated.
-        """
-        check_params(params)
-        if not isinstance(prompt, str) or not prompt:
-            raise NitroError(ErrorCode.INVALID_PARAMETERS, "prompt must be a non-empty string")
-        if len(prompt) > self.max_prompt_tokens * MAX_PROMPT_CHARS_PER_TOKEN:
-            raise NitroError(ErrorCode.PROMPT_TOO_LONG)
-        prompt_ids = self._encode(prompt)
-        if not prompt_ids:
-            raise NitroError(ErrorCode.INVALID_PARAMETERS, "prompt has no tokens")
-        if len(prompt_ids) > self.max_prompt_tokens:
-            raise NitroError(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"prompt has {len(prompt_ids)} tokens, the limit is {self.max_prompt_tokens}",
-            )
-        return self._generate(prompt_ids, params, should_stop)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids
-
-    def _decode(self, ids: list[int]) -> str:
-        # No "clean-up" of spaces before punctuation: it could rewrite text already streamed.
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        return cls(
+            model,
+            tokenizer,
+            max_prompt_tokens=max_prompt_tokens,
+            busy_timeout=busy_timeout,
+            max_queue=max_queue,
         )
-
-    def _generate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationParams,
-        should_stop: Callable[[], bool] | None,
-    ) -> Iterator[Step]:
-        import torch
-
-        # A bounded wait: a caller that cannot get the model in time is told the server is busy.
-        if not self._lock.acquire(timeout=self.busy_timeout):
-            raise NitroError(ErrorCode.OVERLOADED, "engine busy")
-        try:
-            sampler = _Sampler(params) if params.temperature > 0 else None
-            generated: list[int] = []
-            emitted = ""
-            # Inference mode only around model work: it is thread-local state and must not leak
-            # into the caller's code while this generator is suspended at a yield.
-            with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-            while True:
-                with torch.inference_mode():
-                    logits = out.logits[0, -1, :].float()
-                    if len(generated) < params.min_new_tokens:
-                        logits[self.eos_token_id] = -math.inf
-                    token = sampler.pick(logits) if sampler else int(torch.argmax(logits))
-                if token == self.eos_token_id:
-                    yield Step(self._decode(generated)[len(emitted) :], token, "stop")
-                    return
-                generated.append(token)
-                if len(generated) >= params.max_new_tokens:
-                    reason: str | None = "length"
-                elif should_stop is not None and should_stop():
-                    reason = "cancelled"
-                else:
-                    reason = None
-                text = self._decode(generated)
-                # Hold back an incomplete UTF-8 sequence until a later token completes it; the
-                # last step flushes whatever is left, so the texts always add up to the decode.
-                if reason is None and text.endswith(_REPLACEMENT_CHAR):
-                    new = ""
-                else:
-                    new, emitted = text[len(emitted) :], text
-                yield Step(new, token, reason)
-                if reason is not None:
-                    return
-                with torch.inference_mode():
-                    out = self.model(
-                        input_ids=torch.tensor([[token]]),
-                        past_key_values=out.past_key_values,
-                        use_cache=True,
-                    )
-        finally:
-            self._lock.release()
 
 
 class _Sampler:

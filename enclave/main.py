@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that `--help` is fast and importing this module loads no model.
     from enclave.boot import Identity, is_debug_mode, seed_entropy
     from enclave.config import ConfigError, EnclaveConfig
-    from enclave.engine import TransformersEngine
+    from enclave.engine import load_engine
     from enclave.kms import AttestedKms
     from enclave.nsm import open_nsm
     from enclave.server import EnclaveServer
@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         nsm,
         identity,
         AttestedKms(config, nsm, identity),
-        lambda: TransformersEngine.load(
-            Path(config.model_dir), max_prompt_tokens=config.max_prompt_tokens
+        lambda: load_engine(
+            Path(config.model_dir),
+            config.engine,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
         ),
         plaintext_log=plaintext_log,
     )

@@ -233,6 +233,10 @@ class EnclaveServer:
             raise NitroError(ErrorCode.INVALID_CONTEXT, "session is malformed") from exc
         if self.engine is None:
             raise NitroError(ErrorCode.NOT_READY, "model still loading")
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is not None and scheduler.full():
+            # Refused before any KMS call and before the 200: the proxy answers 503.
+            raise NitroError(ErrorCode.OVERLOADED, "the request queue is full")
         data_key = self.kms.data_key(
             header.key_id, request.edk, context, frame.credentials, frame.trace_id
         )
@@ -268,6 +272,7 @@ class EnclaveServer:
             event(log, "debug_plaintext_question", trace_id=trace_id, prompt=question.prompt)
         params = GenerationParams(
             max_new_tokens=question.max_new_tokens,
+            min_new_tokens=question.min_new_tokens,
             temperature=question.temperature,
             top_p=question.top_p,
             seed=question.seed,

@@ -192,7 +192,19 @@ def json_response(obj: dict[str, Any], status: int = 200) -> Response:
 
 def error_response(error: NitroError, status: int | None = None) -> Response:
     _record().code = error.code.code
-    return json_response(error.to_wire(), status or error.http_status)
+    return _with_retry_after(
+        json_response(error.to_wire(), status or error.http_status), error.code
+    )
+
+
+# An overloaded enclave frees a slot within a few answers' time.
+RETRY_AFTER_S = 1
+
+
+def _with_retry_after(response: Response, code: ErrorCode) -> Response:
+    if code is ErrorCode.OVERLOADED:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def relay_response(reply: EnclaveReply) -> Response:
@@ -211,7 +223,7 @@ def relay_response(reply: EnclaveReply) -> Response:
             body = {"error": {"code": code.code, "message": message or code.client_text}}
             reply.close()
             http_status = 502 if code is ErrorCode.PROTOCOL_ERROR else status.status
-            return json_response(body, http_status)
+            return _with_retry_after(json_response(body, http_status), code)
         frames = reply.frames()
         first_final, first = next(frames)
         if status.content_type == CONTENT_JSON:

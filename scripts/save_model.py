@@ -2,6 +2,9 @@
 
 `python scripts/save_model.py DIR` downloads bigscience/bloom-560m (where a hub is reachable);
 `python scripts/save_model.py --tiny DIR` trains the small BLOOM on the bundled FAQ text.
+`python scripts/save_model.py --quantize SRC_DIR DST_DIR` prepares the fast backend's int8
+weights from a saved model (SRC_DIR may equal DST_DIR), so the enclave converts nothing at boot.
+Downloads and --tiny builds are prepared as well, unless --no-quantize.
 """
 
 from __future__ import annotations
@@ -32,7 +35,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="training steps (--tiny)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (--tiny)")
     parser.add_argument("--revision", default="main", help=f"revision of {REPO_ID} to download")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--quantize",
+        type=Path,
+        metavar="SRC_DIR",
+        help="write OUT_DIR with SRC_DIR's tokenizer and the int8 weights of the fast backend",
+    )
+    parser.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="skip the int8 weights (the reference backend alone can then serve the model)",
+    )
+    args = parser.parse_args(argv)
+    if args.quantize is not None and (args.tiny or args.no_quantize):
+        parser.error("--quantize goes alone: it reads a model saved before")
+    return args
+
+
+def quantize(src_dir: Path, out_dir: Path) -> Path:
+    """The fast backend's prepared weights (enclave/fast_engine.py defines the format)."""
+    from enclave.fast_engine import prepare_model
+
+    return prepare_model(src_dir, out_dir)
 
 
 def save_tiny(out_dir: Path, steps: int, seed: int) -> None:
@@ -79,15 +103,29 @@ def check_hub_reachable() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     started = time.monotonic()
+    if args.quantize is not None:
+        from enclave.fast_engine import PreparedWeightsError
+
+        try:
+            path = quantize(args.quantize, args.out_dir)
+        except (PreparedWeightsError, ValueError, OSError, KeyError) as exc:
+            print(f"save_model: could not prepare {args.quantize}: {exc}", file=sys.stderr)
+            return 1
+        print(f"prepared {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        return 0
     if args.tiny:
         try:  # the build's own last progress line gives the time taken
             save_tiny(args.out_dir, args.steps, args.seed)
+            if not args.no_quantize:
+                quantize(args.out_dir, args.out_dir)
         except (ValueError, OSError) as exc:
             print(f"save_model: could not build the tiny model: {exc}", file=sys.stderr)
             return 1
         return 0
     try:
         save_bloom(args.out_dir, args.revision)
+        if not args.no_quantize:
+            quantize(args.out_dir, args.out_dir)
     except Exception as exc:  # any hub failure gets one line, not a traceback
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         print(

@@ -391,11 +391,23 @@ def test_model_is_built_once_and_never_half(tmp_path: Path, monkeypatch) -> None
         return out_dir
 
     monkeypatch.setattr(tiny_model, "build_tiny_model", build)
+    prepared: list[Path] = []
+
+    def prepare(model_dir: Path) -> None:  # the image build's int8 step, recorded
+        prepared.append(model_dir)
+        (model_dir / stack.PREPARED_WEIGHTS).write_bytes(b"")
+
+    monkeypatch.setattr(stack, "prepare_weights", prepare)
     said: list[str] = []
     assert stack.ensure_model(paths, progress=said.append) == paths.default_model_dir
     assert stack.ensure_model(paths) == paths.default_model_dir
     assert len(builds) == 1 and "step 1/1" in said
     assert (paths.default_model_dir / "config.json").is_file()
+    assert len(prepared) == 1 and prepared[0] == builds[0]  # prepared before the rename
+    # A model built before the fast engine existed is prepared in place, once.
+    (paths.default_model_dir / stack.PREPARED_WEIGHTS).unlink()
+    assert stack.ensure_model(paths) == paths.default_model_dir
+    assert len(prepared) == 2 and len(builds) == 1
 
 
 # ---- app root, measure, restart enclave ----------------------------------------------------------

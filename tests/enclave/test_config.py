@@ -16,6 +16,7 @@ def test_loads_with_defaults(tmp_path):
     assert config.key_ids == ("arn:aws:kms:us-east-1:1:key/a",)
     assert config.endpoint_url == "https://kms.us-east-1.amazonaws.com"
     assert config.debug_plaintext_log is False
+    assert (config.engine, config.max_batch, config.max_queue) == ("fast", 8, 32)
     assert EnclaveConfig.from_json(config.to_json()) == config
 
 
@@ -31,6 +32,12 @@ def test_loads_with_defaults(tmp_path):
         {"max_prompt_tokens": 0},
         {"replay_window_s": True},
         {"surprise": 1},
+        {"engine": "turbo"},
+        {"engine": None},
+        {"max_batch": 0},
+        {"max_batch": 2.5},
+        {"max_queue": -1},
+        {"max_queue": True},
     ],
 )
 def test_malformed_fields_are_refused(change):
@@ -47,3 +54,9 @@ def test_missing_or_broken_file_is_refused(tmp_path):
         EnclaveConfig.load(broken)
     with pytest.raises(ConfigError, match="lacks key_ids"):
         EnclaveConfig.from_json({"region": "us-east-1", "model_dir": "/m"})
+
+
+def test_engine_choices_are_accepted():
+    for engine in ("fast", "reference"):
+        config = EnclaveConfig.from_json({**GOOD, "engine": engine, "max_batch": 1, "max_queue": 0})
+        assert config.engine == engine

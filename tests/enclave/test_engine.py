@@ -200,16 +200,16 @@ def test_edge_parameters_are_accepted() -> None:
     check_params(GenerationParams(max_new_tokens=1, temperature=0, top_p=1e-9, seed=2**63 - 1))
 
 
-def test_a_second_generation_waits_for_the_first(tiny_model_dir: Path) -> None:
-    busy = TransformersEngine.load(tiny_model_dir, busy_timeout=0.05)
+def test_the_reference_runs_one_request_at_a_time(tiny_model_dir: Path) -> None:
+    single = TransformersEngine.load(tiny_model_dir, max_queue=1)
     prompt = format_prompt(_faq(0)[0])
-    first = busy.generate(prompt, GenerationParams(max_new_tokens=5))
-    next(first)  # holds the model mid-stream
-    with pytest.raises(NitroError) as err:
-        next(busy.generate(prompt, GenerationParams(max_new_tokens=5)))
-    assert err.value.code is ErrorCode.OVERLOADED
-    first.close()  # an abandoned stream gives the model back
-    assert len(list(busy.generate(prompt, GenerationParams(max_new_tokens=5)))) == 5
+    params = GenerationParams(max_new_tokens=5)
+    try:
+        streams = [single.generate(prompt, params) for _ in range(2)]
+        assert [len(list(s)) for s in streams] == [5, 5]
+        assert single.scheduler.stats.peak_batch == 1  # the sample's way: never batched
+    finally:
+        single.close()
 
 
 def test_generations_from_threads_do_not_mix(engine: TransformersEngine) -> None:

@@ -101,6 +101,15 @@ def test_streamed_answer_passes_each_frame_as_one_line(client, enclave, kit):
     assert [json.loads(line) for line in lines[:-1]] == chunks
 
 
+def test_an_overloaded_enclave_is_503_with_retry_after(client, enclave, kit):
+    enclave.handler = kit.error_answer(ErrorCode.OVERLOADED)
+    response = post_chat(client, kit.sealed_body())
+    assert (response.status_code, error_code(response)) == (503, "overloaded")
+    assert int(response.headers["Retry-After"]) >= 1
+    enclave.handler = kit.error_answer(ErrorCode.UNKNOWN_KEY)
+    assert "Retry-After" not in post_chat(client, kit.sealed_body()).headers
+
+
 def test_enclave_error_is_answered_with_its_status_and_code(client, enclave, kit):
     enclave.handler = kit.error_answer(ErrorCode.UNKNOWN_KEY, "key not in the configuration")
     response = post_chat(client, kit.sealed_body())
