@@ -301,9 +301,12 @@ class Conversation:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
     ) -> Answer:
-        """Ask, wait for the whole answer, add the turn to the history."""
-        params = _params(max_new_tokens, temperature, top_p, seed)
+        """Ask, wait for the whole answer, add the turn to the history.
+
+        `min_new_tokens` keeps the model from ending before that many tokens (benchmarks)."""
+        params = _params(max_new_tokens, temperature, top_p, seed, min_new_tokens)
         *_, (_text, _tokens, answer) = self._exchange(question, params, stream=False)
         assert answer is not None  # _exchange ends with the final chunk or raises
         return answer
@@ -421,14 +424,21 @@ class Conversation:
 
 
 def _params(
-    max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    min_new_tokens: int = 0,
 ) -> dict[str, Any]:
-    return {
+    params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
     }
+    if min_new_tokens:  # on the wire only when set (docs/wire.md)
+        params["min_new_tokens"] = min_new_tokens
+    return params
 
 
 def _read_answer(

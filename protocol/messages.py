@@ -148,15 +148,19 @@ class Question:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0  # on the wire only when not 0 (docs/wire.md)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "prompt": self.prompt,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
         }
+        if self.min_new_tokens:
+            obj["min_new_tokens"] = self.min_new_tokens
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> Question:
@@ -164,7 +168,14 @@ class Question:
         bad = ErrorCode.INVALID_PARAMETERS
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise NitroError(bad, "question needs a prompt")
-        if obj.keys() - {"prompt", "max_new_tokens", "temperature", "top_p", "seed"}:
+        if obj.keys() - {
+            "prompt",
+            "max_new_tokens",
+            "min_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+        }:
             raise NitroError(bad, "question has unknown field(s)")
         prompt = obj["prompt"]
         if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
@@ -174,6 +185,11 @@ class Question:
             raise NitroError(bad, "max_new_tokens must be an integer")
         if not 1 <= max_new <= MAX_NEW_TOKENS_CAP:
             raise NitroError(bad, f"max_new_tokens must be 1-{MAX_NEW_TOKENS_CAP}")
+        min_new = obj.get("min_new_tokens", 0)
+        if isinstance(min_new, bool) or not isinstance(min_new, int):
+            raise NitroError(bad, "min_new_tokens must be an integer")
+        if not 0 <= min_new <= max_new:
+            raise NitroError(bad, "min_new_tokens must be 0-max_new_tokens")
         temperature = _number(obj.get("temperature", 0.0), "temperature", 0.0, 2.0)
         top_p = _number(obj.get("top_p", 1.0), "top_p", 0.0, 1.0)
         if top_p == 0.0:
@@ -183,7 +199,7 @@ class Question:
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise NitroError(bad, "seed must be a non-negative integer or null")
-        return cls(prompt, max_new, temperature, top_p, seed)
+        return cls(prompt, max_new, temperature, top_p, seed, min_new)
 
 
 # ---- helpers -----------------------------------------------------------------------------------

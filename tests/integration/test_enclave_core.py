@@ -101,7 +101,13 @@ def new_session(core: Core) -> Session:
 
 
 def seal(
-    core: Core, session: Session, prompt: str, *, stream: bool = False, max_new_tokens: int = 24
+    core: Core,
+    session: Session,
+    prompt: str,
+    *,
+    stream: bool = False,
+    max_new_tokens: int = 24,
+    min_new_tokens: int = 0,
 ) -> envelope.SealedRequest:
     core.secrets.append(prompt)
     header = envelope.Header(
@@ -111,7 +117,9 @@ def seal(
         sent_at=int(time.time() * 1000),
         stream=stream,
     )
-    question = Question(prompt, max_new_tokens=max_new_tokens).to_json()
+    question = Question(
+        prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens
+    ).to_json()
     return envelope.seal_request(session.keys, header, session.edk, question)
 
 
@@ -219,6 +227,52 @@ def test_a_streamed_answer_arrives_in_sealed_chunks_in_order(core: Core) -> None
     assert len(chunks) >= 2
     assert all(c["tokens"] == 8 for c in chunks[:-1])  # docs/wire.md: 8 tokens a chunk
     assert chunks[-1]["usage"]["completion_tokens"] == sum(c["tokens"] for c in chunks)
+
+
+def test_the_reassembled_stream_equals_the_unstreamed_answer(core: Core) -> None:
+    session = new_session(core)
+    prompt = "Question: What is a pension?\nAnswer:"
+    [whole] = ask(core, session, prompt, max_new_tokens=40)
+    chunks = ask(core, session, prompt, stream=True, max_new_tokens=40)
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert sum(c["tokens"] for c in chunks) == whole["tokens"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+
+
+def test_concurrent_questions_get_the_answers_they_get_alone(core: Core) -> None:
+    import threading
+
+    session = new_session(core)
+    prompts = [
+        "Question: What is a pension?\nAnswer:",
+        "Question: Who can open a Roth IRA?\nAnswer:",
+        "Question: What is a 401(k) plan?\nAnswer:",
+        "Question: What is vesting?\nAnswer:",
+    ]
+    alone = [ask(core, session, p, max_new_tokens=30)[0]["text"] for p in prompts]
+    together: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        together[i] = "".join(
+            c["text"] for c in ask(core, session, prompts[i], stream=True, max_new_tokens=30)
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    # Greedy answers do not depend on what they were batched with.
+    assert [together.get(i) for i in range(len(prompts))] == alone
+
+
+def test_min_new_tokens_forces_the_length_through_the_server(core: Core) -> None:
+    # The tiny model ends this answer after about 30 tokens; the floor makes it go on to 48.
+    chunks = ask(
+        core, new_session(core), "What is a pension?", max_new_tokens=48, min_new_tokens=48
+    )
+    assert chunks[-1]["usage"]["completion_tokens"] == 48
+    assert chunks[-1]["finish_reason"] == "length"
 
 
 def test_attestation_document_carries_the_enclaves_own_key(core: Core) -> None:

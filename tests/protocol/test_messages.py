@@ -73,10 +73,20 @@ def test_question_defaults_and_limits():
         {"prompt": "x", "seed": -1},
         {"prompt": "x", "other": 1},
         {"max_new_tokens": 5},
+        {"prompt": "x", "max_new_tokens": 8, "min_new_tokens": 9},
+        {"prompt": "x", "min_new_tokens": -1},
+        {"prompt": "x", "min_new_tokens": 1.5},
     ):
         with pytest.raises(NitroError) as err:
             Question.from_json(bad)
         assert err.value.code is ErrorCode.INVALID_PARAMETERS
+
+
+def test_min_new_tokens_is_sent_only_when_set():
+    assert "min_new_tokens" not in Question("hi").to_json()
+    fixed = Question("hi", max_new_tokens=64, min_new_tokens=64)
+    assert fixed.to_json()["min_new_tokens"] == 64
+    assert Question.from_json(fixed.to_json()) == fixed
 
 
 def test_error_codes_are_unique_and_from_wire_is_untrusting():
