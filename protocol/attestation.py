@@ -299,7 +299,7 @@ def _load_certificates(document: AttestationDocument) -> list[x509.Certificate]:
     chain = [*document.cabundle, document.certificate]
     try:
         return [x509.load_der_x509_certificate(der) for der in chain]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise AttestationError("format", "a certificate is not valid DER") from exc
 
 

@@ -197,7 +197,7 @@ class DescribeNsmResponse:
             _invalid("locked_pcrs must be a tuple")
         for index in self.locked_pcrs:
             _check_u16(index, "a locked PCR index")
-        if self.digest not in DIGESTS or type(self.digest) is not str:
+        if type(self.digest) is not str or self.digest not in DIGESTS:
             _invalid(f"digest must be one of {sorted(DIGESTS)}")
 
 
