@@ -318,7 +318,15 @@ def test_no_canary_in_the_gateways_output_or_the_state_dir(gateway: Gateway, loc
             with contextlib.suppress(OSError):
                 places[str(path.relative_to(local.paths.root))] = path.read_bytes()
     assert "logs/proxy.log" in places and "logs/enclave.log" in places
-    secrets_ = [canary, question, answer, completion.text.strip()]
-    for where, data in places.items():
-        for secret in secrets_:
-            assert secret.encode() not in data, f"{where} holds the canary question or its answer"
+    secrets_ = [canary, question, answer]
+    if len(completion.text.strip()) >= 12:  # shorter text can occur in any file by chance
+        secrets_.append(completion.text.strip())
+    # Only where and which: a failure message must not print the secret or the file holding it
+    # (the state directory also holds access keys).
+    leaks = [
+        (where, i)
+        for where, data in places.items()
+        for i, s in enumerate(secrets_)
+        if s.encode() in data
+    ]
+    assert not leaks, "(place, secret index) pairs holding the canary question or its answer"
