@@ -25,6 +25,7 @@ from protocol.errors import ErrorCode, NitroError
 from protocol.logs import Timer, event
 from protocol.messages import MAX_NEW_TOKENS_CAP, MAX_PROMPT_CHARS
 from protocol.prompt import TURN_SEPARATOR, format_prompt
+from protocol.transport import parse_host_port
 
 log = logging.getLogger("gateway")
 
@@ -870,12 +871,10 @@ class GatewayConfigError(Exception):
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT (an IPv6 host in brackets) -> (host, port); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise GatewayConfigError(f"--listen must be HOST:PORT, not {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise GatewayConfigError(f"--listen {exc}") from None
 
 
 def check_listen(listen: str, api_key: str | None) -> tuple[str, int]:
@@ -1059,6 +1058,11 @@ def serve(
 
         def log_request(self, *args: Any, **kwargs: Any) -> None:
             pass  # the app writes its own line per request
+
+        def log(self, kind: str, message: str, *args: Any) -> None:
+            # werkzeug's own lines quote the raw request line or a traceback's text, either of
+            # which can carry what a tool sent: the level only.
+            event(log, "http_server_message", logging.WARNING, level=kind)
 
     try:
         server = make_server(host, port, app, threaded=True, request_handler=Handler)

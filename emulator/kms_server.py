@@ -506,13 +506,14 @@ class KmsService:
         if len(text) > 32768:
             raise _error("LimitExceededException", "The key policy exceeds 32768 characters")
         try:
-            kms_policy.validate_policy(json.loads(text))
+            policy = json.loads(text)
+            kms_policy.validate_policy(policy)
         except (ValueError, RecursionError) as exc:
             detail = str(exc) if isinstance(exc, kms_policy.PolicyError) else "not valid JSON"
             raise _error("MalformedPolicyDocumentException", f"Policy: {detail}") from None
         if not bypass_lockout_check:
             decision = kms_policy.evaluate(
-                json.loads(text),
+                policy,
                 principal_arn=caller.arn,
                 action="kms:PutKeyPolicy",
                 context=self._base_context(caller),
@@ -647,6 +648,18 @@ class KmsService:
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
+    def _ciphertext_key(self, blob: bytes, key_ref: str | None, call: _CallLog) -> KeyRecord:
+        """The key a ciphertext names, which `key_ref` (KeyId / SourceKeyId) must match if given."""
+        record = self.store.resolve(ciphertext_key_id(blob))
+        call.key_id = record.key_id
+        if key_ref is not None and self.store.resolve(key_ref).key_id != record.key_id:
+            raise _error(
+                "IncorrectKeyException",
+                "The key ID in the request does not identify the KMS key used to encrypt the "
+                "ciphertext.",
+            )
+        return record
+
     def decrypt(self, params: _Params, caller: Principal, call: _CallLog) -> dict[str, Any]:
         params.grant_tokens()
         params.symmetric_algorithm()
@@ -657,14 +670,7 @@ class KmsService:
         context = params.context()
         key_ref = params.string("KeyId")
         assert blob is not None
-        record = self.store.resolve(ciphertext_key_id(blob))
-        call.key_id = record.key_id
-        if key_ref is not None and self.store.resolve(key_ref).key_id != record.key_id:
-            raise _error(
-                "IncorrectKeyException",
-                "The key ID in the request does not identify the KMS key used to encrypt the "
-                "ciphertext.",
-            )
+        record = self._ciphertext_key(blob, key_ref, call)
         recipient = self._recipient(params)
         self._authorize(caller, "kms:Decrypt", record, call, context=context, recipient=recipient)
         self._dry_run(params)
@@ -780,14 +786,7 @@ class KmsService:
         source_ref = params.string("SourceKeyId")
         destination_ref = params.string("DestinationKeyId", required=True) or ""
         assert blob is not None
-        source = self.store.resolve(ciphertext_key_id(blob))
-        call.key_id = source.key_id
-        if source_ref is not None and self.store.resolve(source_ref).key_id != source.key_id:
-            raise _error(
-                "IncorrectKeyException",
-                "The key ID in the request does not identify the KMS key used to encrypt the "
-                "ciphertext.",
-            )
+        source = self._ciphertext_key(blob, source_ref, call)
         destination = self.store.resolve(destination_ref)
         same = {"kms:ReEncryptOnSameKey": source.key_id == destination.key_id}
         self._authorize(

@@ -141,9 +141,9 @@ class Principal:
     """A caller known to the emulator, from principals.json."""
 
     access_key_id: str
-    secret_access_key: str
+    secret_access_key: str = field(repr=False)  # never in a traceback or a log line
     arn: str
-    session_token: str | None = None
+    session_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Grant:
     """A grant: `operations` on `key_id` for `grantee`, within optional context constraints."""
 
     grant_id: str
-    grant_token: str
+    grant_token: str = field(repr=False)
     key_id: str
     grantee: str
     operations: tuple[str, ...]

@@ -28,7 +28,7 @@ from protocol import nsm as msg
 from protocol.framing import FrameError, PeerClosed, recv_frame, send_frame
 from protocol.logs import Timer, configure, event
 from protocol.nsm import NsmError, NsmErrorCode
-from protocol.transport import Address
+from protocol.transport import Address, accept_loop
 
 MAX_PCRS = 32  # like the real NSM: 0-15 measured and read-only, 16-31 free for the enclave
 RANDOM_BYTES = 256  # what the real NSM answers to one GetRandom
@@ -222,30 +222,13 @@ class NsmServer:
     def serve(self, ready: threading.Event | None = None) -> None:
         """Accept connections until `shutdown`; sets `ready` once listening."""
         self._listener = self.address.listen()
-        self._listener.settimeout(0.5)  # wake up to notice shutdown
         event(log, "listening", socket=self.address.path)
         if ready is not None:
             ready.set()
         try:
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self._listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    raise
-                if not self._slots.acquire(blocking=False):
-                    event(log, "connection_refused", logging.WARNING, reason="too many connections")
-                    conn.close()
-                    continue
-                with self._count_lock:
-                    self._connections += 1
-                    number = self._connections
-                threading.Thread(
-                    target=self._serve_connection, args=(conn, number), daemon=True
-                ).start()
+            accept_loop(
+                self._listener, self._stop, self._slots, self._serve_connection, self._refuse
+            )
         finally:
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
@@ -254,7 +237,14 @@ class NsmServer:
     def shutdown(self) -> None:
         self._stop.set()
 
-    def _serve_connection(self, conn: socket.socket, number: int) -> None:
+    def _refuse(self, conn: socket.socket) -> None:
+        event(log, "connection_refused", logging.WARNING, reason="too many connections")
+        conn.close()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        with self._count_lock:
+            self._connections += 1
+            number = self._connections
         requests, reason = 0, "closed"
         try:
             timer = Timer()
@@ -304,7 +294,6 @@ class NsmServer:
             event(log, "internal_error", logging.ERROR, connection=number, error=type(exc).__name__)
         finally:
             conn.close()
-            self._slots.release()
             event(log, "connection_closed", connection=number, requests=requests, reason=reason)
 
 

@@ -43,7 +43,7 @@ class BatchModel(Protocol):
         ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: batch removals must not compare token lists
 class _Request:
     prompt_ids: list[int]
     max_new_tokens: int

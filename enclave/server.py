@@ -7,6 +7,7 @@ the data key by attestation, runs the model and seals every answer for the clien
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from enclave.kms import AttestedKms
 from enclave.nsm import Nsm, get_attestation
 from protocol import envelope
 from protocol.errors import ErrorCode, NitroError
-from protocol.framing import FrameError, PeerClosed, recv_json, send_json
+from protocol.framing import PeerClosed, recv_json, send_json
 from protocol.logs import Timer, event
 from protocol.messages import (
     CONTENT_JSON,
@@ -33,7 +34,7 @@ from protocol.messages import (
     body_frame,
     status_frame,
 )
-from protocol.transport import Address
+from protocol.transport import Address, accept_loop
 
 log = logging.getLogger("enclave.server")
 FIRST_FRAME_TIMEOUT_S = 10.0
@@ -109,23 +110,12 @@ class EnclaveServer:
         """Accept connections until `shutdown()`; the model loads in the background."""
         threading.Thread(target=self.load_model, name="model-loader", daemon=True).start()
         self._listener = address.listen()
-        self._listener.settimeout(0.5)
         event(log, "listening", address=str(address))
         if ready is not None:
             ready.set()
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
-                raise
-            if not self._slots.acquire(blocking=False):
-                self._refuse_busy(conn)
-                continue
-            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+        accept_loop(
+            self._listener, self._stop, self._slots, self._serve_connection, self._refuse_busy
+        )
         self._listener.close()
 
     def shutdown(self) -> None:
@@ -163,24 +153,18 @@ class EnclaveServer:
             self._send_error(conn, NitroError(ErrorCode.INTERNAL_ERROR))
         finally:
             conn.close()
-            self._slots.release()
             self.stats.requests += 1
             if outcome not in ("ok", "closed"):
                 self.stats.errors += 1
             event(log, "request", trace_id=trace_id, kind=kind, outcome=outcome, ms=timer.ms())
 
     def _send_error(self, conn: socket.socket, error: NitroError) -> None:
-        if isinstance(error, FrameError) and error.code is ErrorCode.FRAME_TOO_LARGE:
-            error = NitroError(ErrorCode.FRAME_TOO_LARGE)
         try:
             conn.settimeout(1.0)
-            # Our own text for the code: `detail` may name internals the parent need not see.
-            # Except a refused attestation: enclave.kms.AttestationRejected builds a message from
-            # the PCR0 this enclave presented (public), for the operator to compare with the policy.
-            public = getattr(error, "public_message", None)
-            if error.code is not ErrorCode.ATTESTATION_REJECTED or not isinstance(public, str):
-                public = None
-            send_json(conn, status_frame(error.http_status, error=NitroError(error.code, public)))
+            # Never `detail` (it may name internals the parent need not see): the code's own
+            # text, or a message the error built from public data (NitroError.public_message).
+            reply = NitroError(error.code, error.public_message)
+            send_json(conn, status_frame(error.http_status, error=reply))
         except OSError:
             pass
 
@@ -331,6 +315,11 @@ def _peer_gone_probe(conn: socket.socket) -> Callable[[], bool]:
 
     def gone() -> bool:
         try:
+            # Called once a token: nothing readable (the usual case) costs one select, not four
+            # socket mode changes.
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                return False
             conn.setblocking(False)
             try:
                 data = conn.recv(1, socket.MSG_PEEK)

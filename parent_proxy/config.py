@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.framing import DEFAULT_MAX_FRAME
-from protocol.transport import Address
+from protocol.transport import Address, parse_host_port
 
 ENV_PREFIX = "PARENT_PROXY_"
 DEFAULT_BIND = "127.0.0.1:5001"
@@ -91,10 +91,10 @@ class ProxyConfig:
 
 def parse_bind(bind: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:5001`) as a pair, or ValueError."""
-    host, sep, port = bind.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bind must be host:port, not {bind!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(bind)
+    except ValueError as exc:
+        raise ValueError(f"bind {exc}") from None
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:

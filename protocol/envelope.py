@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import os
@@ -167,8 +168,8 @@ class SealedRequest:
     nonce: bytes
     ciphertext: bytes
 
-    @property
-    def request_sha256(self) -> str:
+    @functools.cached_property
+    def request_sha256(self) -> str:  # bound into every answer chunk's AAD: hashed once
         return hashlib.sha256(self.ciphertext).hexdigest()
 
     @property

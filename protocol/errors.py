@@ -190,6 +190,10 @@ _BY_CODE = {member.code: member for member in ErrorCode}
 class NitroError(Exception):
     """An error that carries a wire code; `detail` is for logs and never holds content."""
 
+    # A message for the peer, built by us from public data only (e.g. a refused enclave's PCR0).
+    # None: the peer gets the code's own text, since `detail` may name internals.
+    public_message: str | None = None
+
     def __init__(self, code: ErrorCode, detail: str | None = None) -> None:
         super().__init__(f"{code.code}: {detail or code.client_text}")
         self.code = code

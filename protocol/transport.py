@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -82,3 +84,45 @@ class Address:
             sock.close()
             raise
         return sock
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def accept_loop(
+    listener: socket.socket,
+    stop: threading.Event,
+    slots: threading.BoundedSemaphore,
+    handle: Callable[[socket.socket], None],
+    refuse: Callable[[socket.socket], None],
+) -> None:
+    """Accept until `stop` is set: a thread per connection running `handle`, at most as many
+    as `slots` holds (the slot is released when `handle` returns); `refuse` gets the rest."""
+    listener.settimeout(0.5)  # wake up to notice `stop`
+
+    def run(conn: socket.socket) -> None:
+        try:
+            handle(conn)
+        finally:
+            slots.release()
+
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            if stop.is_set():
+                break
+            raise
+        if not slots.acquire(blocking=False):
+            refuse(conn)
+            continue
+        threading.Thread(target=run, args=(conn,), daemon=True).start()
