@@ -241,6 +241,9 @@ class Script:
     error_body: bytes = b""
     sealed_error: str = "prompt_too_long"
     delay_s: float = 0.0
+    # Every request waits here until this many are in the server at once (10 s at most, then
+    # the barrier breaks and the request fails): proves that they were sent in parallel.
+    together: threading.Barrier | None = None
 
 
 PCR_SIZE = 48
@@ -378,6 +381,12 @@ class _ChatHandler(BaseHTTPRequestHandler):
             self._send(400, CONTENT_JSON, [json.dumps(exc.to_wire()).encode()], chunked=False)
             return
         state.seen.append(Seen(request.header, question, request.edk))
+        if script.together is not None:
+            try:
+                script.together.wait(10)
+            except threading.BrokenBarrierError:
+                self._send(503, CONTENT_JSON, [b'{"error":{"code":"overloaded"}}'], chunked=False)
+                return
         if script.delay_s:
             time.sleep(script.delay_s)
         lines = self._answer(request, keys, question, script)

@@ -579,6 +579,9 @@ def test_parallel_requests_up_to_the_pool_size_are_served(chat_server, tls_files
     )
     clients = [SecureChatClient(settings, kms_client=stub_kms) for _ in range(3)]
     app = create_app(config(), clients)
+    # The stand-in answers none until all three are inside it at once: served one at a time,
+    # the barrier would break and each would fail.
+    chat_server.state.script.together = threading.Barrier(3)
     results: list[int] = []
 
     def one() -> None:
