@@ -147,6 +147,7 @@ def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Sta
 
 
 def test_interactive_cli_keeps_a_conversation(local: Stack) -> None:
+    wraps, unwraps = local.kms_calls("GenerateDataKey"), local.kms_calls("Decrypt")
     chat = run(
         "chatbot",
         "--local",
@@ -155,9 +156,15 @@ def test_interactive_cli_keeps_a_conversation(local: Stack) -> None:
         stdin="What is a 401(k) plan?\nCan I change my contribution later?\n/quit\n",
     )
     assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("you> ") >= 2
     assert "kept in memory only" in chat.stderr
     assert "error:" not in chat.stderr
+    # Three prompts (two questions, /quit), an answer after each question.
+    turns = chat.stdout.split("you> ")
+    assert len(turns) == 4
+    assert all(turn.strip() for turn in turns[1:3]), chat.stdout
+    # One conversation: one data key wrapped and unwrapped for both questions.
+    assert local.kms_calls("GenerateDataKey") == wraps + 1
+    assert local.kms_calls("Decrypt") == unwraps + 1
 
 
 def test_a_failure_is_one_error_line_not_a_traceback(local: Stack, tmp_path: Path) -> None:
