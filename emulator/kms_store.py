@@ -507,6 +507,8 @@ def _parse_principals(path: Path) -> dict[str, Principal]:
         raise ValueError("principals file must hold an object")
     out = {}
     for access_key_id, entry in obj.items():
+        if not isinstance(entry, dict):
+            raise ValueError("each principal must be an object")
         token = entry.get("session_token")
         if not all(isinstance(x, str) for x in (entry["secret_access_key"], entry["arn"])):
             raise ValueError("secret_access_key and arn must be strings")

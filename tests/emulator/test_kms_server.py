@@ -507,6 +507,18 @@ def test_principals_file_is_reloaded(server: Server) -> None:
         path.write_text(json.dumps(PRINCIPALS))
 
 
+def test_a_damaged_principals_file_keeps_the_last_good_one(server: Server) -> None:
+    path = server.state_dir / "principals.json"
+    for damaged in ('{"AKIABROKEN": "not an object"}', "[1, 2]", '{"AKIA": {"arn": 5}}', "{"):
+        path.write_text(damaged)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+        try:
+            status, answer = raw_call(server, "ListKeys", b"{}")
+            assert status == 200, (damaged, answer)
+        finally:
+            path.write_text(json.dumps(PRINCIPALS))
+
+
 # --- raw HTTP: what the SDK would never send ---------------------------------------------------
 
 
