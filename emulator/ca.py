@@ -7,7 +7,6 @@ directory, so that a restarted emulator keeps the root that key policies and cli
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 import threading
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from emulator.files import atomic_write
 
 ROOT_LIFETIME = dt.timedelta(days=30 * 365)  # AWS's root is valid 30 years
 INTERMEDIATE_LIFETIME = dt.timedelta(days=365)
@@ -111,21 +112,6 @@ def _issue(
     return _Issued(builder.sign(signer_key, hashes.SHA384()), key)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode` from the start (a key is never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class LocalCA:
     """root.pem/.key, intermediate.pem/.key and leaf.pem/.key in one directory (keys 0600).
 
@@ -181,9 +167,9 @@ class LocalCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write(directory / f"{name}.key", key_pem, 0o600)
+        atomic_write(directory / f"{name}.key", key_pem, 0o600)
         cert_pem = issued.cert.public_bytes(serialization.Encoding.PEM)
-        _write(directory / f"{name}.pem", cert_pem, 0o644)
+        atomic_write(directory / f"{name}.pem", cert_pem, 0o644)
 
     def _load_or_issue(
         self, name: str, issuer: _Issued, lifetime: dt.timedelta, margin: dt.timedelta

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from emulator import kms_policy
+from emulator.files import atomic_write
 from emulator.kms_store import (
     Grant,
     KeyRecord,
@@ -40,7 +41,6 @@ from emulator.kms_store import (
     KmsStore,
     Principal,
     PrincipalRegistry,
-    atomic_write,
     canonical_context,
     ciphertext_key_id,
 )

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 import uuid
@@ -22,6 +21,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from emulator.files import atomic_write
 
 KEY_MATERIAL_BYTES = 32
 MAX_PRINCIPALS_FILE = 1 << 20
@@ -222,25 +223,6 @@ class Grant:
             retiring=obj.get("RetiringPrincipal"),
             constraints={kind: dict(ctx) for kind, ctx in obj.get("Constraints", {}).items()},
         )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a 0600 temporary file and a rename, then sync the dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class KmsStore:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emulator.files import atomic_write
 from emulator.local_policy import render_local_policy
 
 ACCOUNT_ID = "111122223333"
@@ -187,17 +188,7 @@ def _private_dir(path: Path) -> None:
 
 
 def _write_file(path: Path, text: str, *, mode: int) -> None:
-    """Atomic write (temporary file, then rename) with `mode` set before any byte is written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text.encode("utf-8"), mode)
 
 
 def _read_json(path: Path) -> Any:
