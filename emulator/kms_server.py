@@ -1001,7 +1001,8 @@ class _KmsRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise _error("ValidationException", "Chunked bodies are not accepted", status=411)
         length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.strip().isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() then refuses (a 500).
+        if length_text is None or not re.fullmatch(r"[0-9]+", length_text.strip()):
             self.close_connection = True
             raise _error("ValidationException", "Content-Length is required", status=411)
         length = int(length_text)

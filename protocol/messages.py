@@ -224,7 +224,10 @@ def _short_str(value: Any, limit: int) -> bool:
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise NitroError(ErrorCode.INVALID_PARAMETERS, f"{name} must be a number")
+    # Only floats: math.isfinite(10**400) raises OverflowError, and JSON integers are unbounded.
+    if isinstance(value, float) and not math.isfinite(value):
         raise NitroError(ErrorCode.INVALID_PARAMETERS, f"{name} must be a number")
     if not low <= value <= high:
         raise NitroError(ErrorCode.INVALID_PARAMETERS, f"{name} must be {low}-{high}")

@@ -48,7 +48,8 @@ class Address:
     def __str__(self) -> str:
         if self.scheme == "unix":
             return f"unix://{self.path}"
-        return f"{self.scheme}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as parse reads it
+        return f"{self.scheme}://{host}:{self.port}"
 
     def _family_and_target(self) -> tuple[int, object]:
         if self.scheme == "unix":
