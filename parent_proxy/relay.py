@@ -7,7 +7,7 @@ failures to wire codes: unreachable 503, too slow 504, malformed 502 (docs/wire.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,13 @@ from protocol.transport import Address
 # After a failed send, how long to look for the status frame the enclave may have sent first
 # (a busy enclave answers `overloaded` and closes without reading the request).
 _LATE_STATUS_TIMEOUT_S = 0.5
+# After the enclave closed a connection early, how long a probe connection must stay open for
+# the enclave to count as alive (and so as having broken the protocol, not died).
+_PROBE_S = 0.5
+
+
+class EnclaveUnreachable(NitroError):
+    """ENCLAVE_UNAVAILABLE before anything was sent: another enclave may take the request."""
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,29 @@ class EnclaveReply:
     the closed connection and stops generating.
     """
 
-    def __init__(self, sock: socket.socket, status: Status, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        status: Status,
+        limits: RelayLimits,
+        address: Address | None = None,
+    ) -> None:
         self._sock = sock
+        self._address = address  # to tell an enclave that died from one that misbehaved
         self.status = status
         self._limits = limits
         self._finished = status.error is not None
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
+
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once, when the reply is closed (the pool's in-flight count)."""
+        self._on_close.append(callback)
 
     def frames(self) -> Iterator[tuple[bool, dict[str, Any]]]:
         """Yield (final, data) per body frame, ending after the final one; NitroError if the
-        enclave goes quiet (ENCLAVE_TIMEOUT) or sends anything malformed (PROTOCOL_ERROR)."""
+        enclave goes quiet (ENCLAVE_TIMEOUT), dies (ENCLAVE_UNAVAILABLE) or sends anything
+        malformed (PROTOCOL_ERROR)."""
         while not self._finished:
             final, data = parse_body_frame(self._receive())
             self._finished = final
@@ -56,7 +76,9 @@ class EnclaveReply:
         try:
             return recv_json(self._sock, self._limits.max_frame, self._limits.relay_timeout)
         except PeerClosed as exc:
-            raise NitroError(ErrorCode.PROTOCOL_ERROR, "enclave closed before the end") from exc
+            raise _closed_early(self._address, self._limits, "enclave closed before the end") from (
+                exc
+            )
         except FrameError as exc:
             raise _as_relay_error(exc) from exc
 
@@ -64,6 +86,8 @@ class EnclaveReply:
         if not self._closed:
             self._closed = True
             self._sock.close()
+            for callback in self._on_close:
+                callback()
 
     def __enter__(self) -> EnclaveReply:
         return self
@@ -77,7 +101,8 @@ def relay_to_enclave(
 ) -> EnclaveReply:
     """Open a connection, send `frame`, read the status frame; the caller reads the body frames.
 
-    Raises NitroError: ENCLAVE_UNAVAILABLE when nothing accepts the connection,
+    Raises NitroError: ENCLAVE_UNAVAILABLE when nothing accepts the connection (or the
+    enclave closed it and accepts no more: it died),
     ENCLAVE_TIMEOUT when the status frame is late, PROTOCOL_ERROR when it is malformed,
     PAYLOAD_TOO_LARGE when the request frame would exceed the frame limit.
     """
@@ -85,15 +110,19 @@ def relay_to_enclave(
     try:
         sock = address.connect(limits.connect_timeout)
     except OSError as exc:  # refused, no such socket file, no route, timed out
-        raise NitroError(ErrorCode.ENCLAVE_UNAVAILABLE, "cannot connect to the enclave") from exc
+        raise EnclaveUnreachable(
+            ErrorCode.ENCLAVE_UNAVAILABLE, "cannot connect to the enclave"
+        ) from exc
     try:
-        return _exchange(sock, frame, limits)
+        return _exchange(sock, frame, limits, address)
     except BaseException:
         sock.close()
         raise
 
 
-def _exchange(sock: socket.socket, frame: RequestFrame, limits: RelayLimits) -> EnclaveReply:
+def _exchange(
+    sock: socket.socket, frame: RequestFrame, limits: RelayLimits, address: Address | None = None
+) -> EnclaveReply:
     sock.settimeout(limits.relay_timeout)
     status_timeout = limits.relay_timeout
     try:
@@ -115,9 +144,38 @@ def _exchange(sock: socket.socket, frame: RequestFrame, limits: RelayLimits) -> 
                 late_failure
             )
         if isinstance(exc, PeerClosed):
-            raise NitroError(ErrorCode.PROTOCOL_ERROR, "enclave closed without answering") from exc
+            raise _closed_early(address, limits, "enclave closed without answering") from exc
         raise _as_relay_error(exc) from exc
-    return EnclaveReply(sock, Status.from_json(raw), limits)
+    return EnclaveReply(sock, Status.from_json(raw), limits, address)
+
+
+def _closed_early(address: Address | None, limits: RelayLimits, detail: str) -> NitroError:
+    """The enclave closed the connection before its answer ended. If it no longer accepts
+    connections it died (killed, crashed, restarting): ENCLAVE_UNAVAILABLE, as for one that was
+    never there. If it still accepts them, it broke the protocol: PROTOCOL_ERROR.
+    Not EnclaveUnreachable: the request was sent, so it must not be tried elsewhere."""
+    if address is not None and not _still_serving(address, limits):
+        return NitroError(ErrorCode.ENCLAVE_UNAVAILABLE, f"{detail}; it is gone")
+    return NitroError(ErrorCode.PROTOCOL_ERROR, detail)
+
+
+def _still_serving(address: Address, limits: RelayLimits) -> bool:
+    """Whether the enclave accepts a connection and keeps it open a moment. A dying process may
+    close our connection before its listener: a connect then still succeeds, and the kernel
+    closes it as the listener goes, which the short read below sees. A live enclave waits for
+    a request frame (it sends nothing), or refuses a busy one with a status (data): alive."""
+    try:
+        probe = address.connect(limits.connect_timeout)
+    except OSError:
+        return False
+    with probe:
+        probe.settimeout(_PROBE_S)
+        try:
+            return probe.recv(1) != b""
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
 
 
 def _as_relay_error(exc: FrameError) -> NitroError:

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -292,9 +293,11 @@ def test_a_public_address_without_an_api_key_is_refused(local: Local) -> None:
 # ---- no content at rest --------------------------------------------------------------------------
 
 
-def test_no_canary_in_the_gateways_output_or_the_state_dir(gateway: Gateway, local: Local) -> None:
-    canary = f"canary-{secrets.token_hex(8)}"
-    question = f"{QUESTION} {canary}"
+def test_no_canary_in_the_gateways_output_or_the_state_dir(
+    gateway: Gateway, local: Local, canary: Any
+) -> None:
+    word = canary.new()  # the end-of-run canary sweep looks for it too (tests/conftest.py)
+    question = f"{QUESTION} {word}"
     client = gateway.client()
     answer = ask(client, question).choices[0].message.content
     streamed = "".join(
@@ -302,7 +305,7 @@ def test_no_canary_in_the_gateways_output_or_the_state_dir(gateway: Gateway, loc
         for chunk in ask(client, question, stream=True)
         if chunk.choices
     )
-    completion = client.completions.create(model=canary, prompt=question, max_tokens=24).choices[0]
+    completion = client.completions.create(model=word, prompt=question, max_tokens=24).choices[0]
     assert len(answer) >= 12 and streamed == answer and completion.text.strip()
     # Give the request lines (written when each response closes) a moment to land.
     deadline = time.monotonic() + 10
@@ -318,7 +321,9 @@ def test_no_canary_in_the_gateways_output_or_the_state_dir(gateway: Gateway, loc
             with contextlib.suppress(OSError):
                 places[str(path.relative_to(local.paths.root))] = path.read_bytes()
     assert "logs/proxy.log" in places and "logs/enclave.log" in places
-    secrets_ = [canary, question, answer]
+    canary.answer(answer)
+    canary.answer(completion.text)
+    secrets_ = [word, question, answer]
     if len(completion.text.strip()) >= 12:  # shorter text can occur in any file by chance
         secrets_.append(completion.text.strip())
     # Only where and which: a failure message must not print the secret or the file holding it

@@ -10,7 +10,6 @@ import contextlib
 import http.client
 import json
 import os
-import secrets
 import socket
 import ssl
 import subprocess
@@ -23,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,7 +279,7 @@ class Tap:
 
 
 def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
-    local: Stack, tmp_path: Path
+    local: Stack, tmp_path: Path, canary: Any
 ) -> None:
     paths = local.paths
     tap = Tap(paths.socket_dir / "tap.sock", paths.enclave_socket)
@@ -314,20 +314,21 @@ def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
             kms_endpoint=profile.settings.kms_endpoint,
         )
         _wait_healthy(url, profile.settings.ca_bundle)
-        canary = f"canary-{secrets.token_hex(8)}"
-        question = f"How do I enroll in the retirement plan? {canary}"
+        word = canary.new()  # the end-of-run canary sweep looks for it too (tests/conftest.py)
+        question = f"How do I enroll in the retirement plan? {word}"
         with SecureChatClient.from_settings(settings, profile.credentials) as client:
             answer = client.ask(question).text.strip()
             streamed = "".join(client.conversation().stream(question)).strip()
         assert len(answer) >= 12 and streamed == answer
         relayed = bytes(tap.seen)
+        canary.capture("local-stack-relayed.bin", relayed)
         assert len(relayed) > 1000, "the tap saw no traffic: the test would prove nothing"
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
         tap.close()
 
-    secrets_ = [canary.encode(), question.encode(), answer.encode()]
+    secrets_ = [word.encode(), question.encode(), answer.encode()]
     places = {"relayed bytes": relayed, "proxy output": output.read_bytes()}
     for path in paths.root.rglob("*"):
         if path.is_file() and not path.is_symlink():

@@ -186,3 +186,42 @@ def test_closing_the_reply_tells_the_enclave_to_stop(enclave, kit):
         next(frames)
     assert endless.peer_closed.wait(5)
     assert endless.sent < endless.limit
+
+
+def test_an_enclave_that_dies_mid_answer_is_unavailable_not_a_protocol_error(enclave, kit):
+    # Killed or crashed: it closes the connection and accepts no more (the stream cut above
+    # came from an enclave still listening, which broke the protocol).
+    def die(conn, frame):
+        send_json(conn, status_frame(200, CONTENT_NDJSON))
+        send_json(conn, body_frame({"seq": 0}, final=False))
+        enclave.stop()  # no listener any more; `conn` closes when this returns
+
+    enclave.handler = die
+    assert relay_error(enclave.address) is ErrorCode.ENCLAVE_UNAVAILABLE
+
+
+def test_an_enclave_that_dies_before_its_status_is_unavailable(enclave):
+    def die(conn, frame):
+        enclave.stop()
+
+    enclave.handler = die
+    assert relay_error(enclave.address) is ErrorCode.ENCLAVE_UNAVAILABLE
+
+
+def test_an_enclave_that_closes_its_listener_just_after_the_connection_is_unavailable(short_dir):
+    # What a killed process does: its connections and its listener close a moment apart, so
+    # the relay's check may still connect (into the backlog) before the listener goes.
+    address = Address.parse(f"unix://{short_dir}/dying.sock")
+    listener = address.listen()
+
+    def serve_once_then_die():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            send_json(conn, status_frame(200, CONTENT_NDJSON))
+            send_json(conn, body_frame({"seq": 0}, final=False))
+        time.sleep(0.2)  # the relay's check connects meanwhile, never accepted
+        listener.close()
+
+    threading.Thread(target=serve_once_then_die, daemon=True).start()
+    assert relay_error(address) is ErrorCode.ENCLAVE_UNAVAILABLE
