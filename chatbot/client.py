@@ -6,6 +6,7 @@ answer chunk is checked against its request before a byte of it is returned. Not
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -267,13 +268,18 @@ class SecureChatClient:
             ) from exc
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise ChatError(ErrorCode.ENCLAVE_TIMEOUT, "no response from the proxy") from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except urllib3.exceptions.ProtocolError as exc:
+            if not _not_http(exc):
+                raise _unreachable(settings, exc) from exc
+            # It answered, but not in HTTP: a status line of the parent's own words, say.
             raise ChatError(
-                ErrorCode.ENCLAVE_UNAVAILABLE,
-                "proxy unreachable",
-                hint=f"Could not reach the proxy at {settings.proxy_url} ({_reason(exc)}). "
-                "Is it running, and is the URL right?",
+                ErrorCode.PROTOCOL_ERROR,
+                "the proxy's answer is not HTTP",
+                hint=f"The server at {settings.proxy_url} did not answer in HTTP "
+                f"({_reason(exc)}): is it a nitro-llm proxy?",
             ) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _unreachable(settings, exc) from exc
 
 
 class Conversation:
@@ -652,8 +658,31 @@ def _connection_pool(settings: ClientSettings) -> urllib3.PoolManager:
     )
 
 
+def _unreachable(settings: ClientSettings, exc: BaseException) -> ChatError:
+    return ChatError(
+        ErrorCode.ENCLAVE_UNAVAILABLE,
+        "proxy unreachable",
+        hint=f"Could not reach the proxy at {settings.proxy_url} ({_reason(exc)}). "
+        "Is it running, and is the URL right?",
+    )
+
+
+def _not_http(exc: urllib3.exceptions.ProtocolError) -> bool:
+    """The peer sent bytes that are not an HTTP response (not merely closed or reset)."""
+    return any(
+        isinstance(cause, http.client.HTTPException) and not isinstance(cause, OSError)
+        for cause in exc.args
+    )
+
+
 def _reason(exc: BaseException) -> str:
-    """A short description of a network failure for the hint line (no request data in it)."""
+    """A short description of a network failure for the hint line (no request data in it).
+
+    Only type names for a ProtocolError: its text quotes what the server sent (a bad status
+    line), and the parent must not put its words in a line the client prints as its own."""
     reason = getattr(exc, "reason", None)
     inner = reason if isinstance(reason, BaseException) else exc
+    if isinstance(inner, urllib3.exceptions.ProtocolError):
+        causes = [type(a).__name__ for a in inner.args if isinstance(a, BaseException)]
+        return ", ".join([type(inner).__name__, *causes])
     return f"{type(inner).__name__}: {str(inner)[:200]}"
