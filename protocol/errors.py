@@ -56,6 +56,12 @@ class ErrorCode(enum.Enum):
         404,
         "Protocol v1 (the original sample's format) is not enabled on this server.",
     )
+    LEGACY_TOO_LARGE = (
+        "legacy_too_large",
+        413,
+        "Protocol v1 carries at most 4096 bytes each way (KMS's limit for Encrypt). Ask a "
+        "shorter question, or move to protocol v2 (the chatbot), which has no such limit.",
+    )
 
     # Checks the enclave makes on the key and the sealed request.
     UNKNOWN_KEY = (
@@ -151,6 +157,69 @@ class ErrorCode(enum.Enum):
         "internal_error",
         500,
         "The server hit an unexpected error. Try again; report it if it persists.",
+    )
+
+    # A sealed model refused by the enclave at boot (protocol/sealed_model.py, docs/wire.md
+    # section 14); the enclave then stays unready. For the operator: the parent served it.
+    MODEL_FEED_UNAVAILABLE = (
+        "model_feed_unavailable",
+        503,
+        "The enclave could not fetch its sealed model from the parent. Check that the model "
+        "feed runs and serves the sealed directory.",
+    )
+    MODEL_MANIFEST_INVALID = (
+        "model_manifest_invalid",
+        503,
+        "The sealed model's manifest or key file is malformed. Seal the model again.",
+    )
+    MODEL_MANIFEST_MISMATCH = (
+        "model_manifest_mismatch",
+        503,
+        "The parent served a sealed model other than the one the enclave's measured "
+        "configuration pins (another manifest). Serve the sealed directory the image was built "
+        "for.",
+    )
+    MODEL_WRONG_KEY = (
+        "model_wrong_key",
+        503,
+        "The sealed model's data key is not one the pinned model key and manifest open: it was "
+        "sealed under another key, or its key file belongs to another sealing.",
+    )
+    MODEL_CHUNK_CORRUPT = (
+        "model_chunk_corrupt",
+        503,
+        "A chunk of the sealed model failed authentication: its bytes were modified.",
+    )
+    MODEL_CHUNK_MISSING = (
+        "model_chunk_missing",
+        503,
+        "A chunk of the sealed model was skipped: the parent dropped one.",
+    )
+    MODEL_CHUNK_REORDERED = (
+        "model_chunk_reordered",
+        503,
+        "A chunk of the sealed model came out of order or twice.",
+    )
+    MODEL_CHUNK_MISPLACED = (
+        "model_chunk_misplaced",
+        503,
+        "A chunk of another file of the sealed model was served in place of this file's.",
+    )
+    MODEL_CHUNK_FOREIGN = (
+        "model_chunk_foreign",
+        503,
+        "A chunk of another sealed model (another sealing) was served in place of this one's.",
+    )
+    MODEL_TRUNCATED = (
+        "model_truncated",
+        503,
+        "The sealed model ended early: a file's last chunks are missing.",
+    )
+    MODEL_FILE_MISMATCH = (
+        "model_file_mismatch",
+        503,
+        "A decrypted file of the sealed model differs from its manifest (size or SHA-256). "
+        "Seal the model again.",
     )
 
     # Found by the client while checking what came back.
