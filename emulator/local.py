@@ -51,6 +51,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(env NITRO_APP_ROOT; default: this checkout)",
     )
     parser.add_argument(
+        "--compat",
+        action="store_true",
+        help="up: also serve protocol v1, the original sample's clients (POST /), under a "
+        "separate compat key whose id profile.json names as compat_key_id; off by default",
+    )
+    parser.add_argument(
+        "--sealed-model",
+        action="store_true",
+        help="up: play a model owner who seals the model under a model key of its own "
+        "(profile.json: model_key_id); the parent side gets only the sealed copy, served to the "
+        "enclave by the model feed",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help='measure: print only {"PCR0": hex, "PCR1": hex, "PCR2": hex}',
@@ -60,6 +73,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("restart takes one component: `nitro-local restart enclave`")
     if args.command != "restart" and args.component is not None:
         parser.error(f"{args.command} takes no component")
+    if args.compat and args.command != "up":
+        parser.error("--compat goes with up")
+    if args.sealed_model and args.command != "up":
+        parser.error("--sealed-model goes with up")
     if args.json and args.command != "measure":
         parser.error("--json goes with measure")
     return args
@@ -69,7 +86,13 @@ def _say(line: str) -> None:
     print(f"nitro-local: {line}", file=sys.stderr, flush=True)
 
 
-def up(paths: stack.StatePaths, model_dir: Path | None, app: Path | None = None) -> int:
+def up(
+    paths: stack.StatePaths,
+    model_dir: Path | None,
+    app: Path | None = None,
+    compat: bool = False,
+    sealed_model: bool = False,
+) -> int:
     running = {name: pid for name, pid in stack.status(paths).items() if pid is not None}
     if len(running) == len(stack.COMPONENTS):
         _say(f"already running in {paths.root}; nothing changed (`nitro-local down` stops it)")
@@ -85,7 +108,13 @@ def up(paths: stack.StatePaths, model_dir: Path | None, app: Path | None = None)
 
     try:
         endpoints = stack.bring_up(
-            paths, model_dir=model_dir, app=app, progress=lambda line: _say(line), tick=_dot
+            paths,
+            model_dir=model_dir,
+            app=app,
+            progress=lambda line: _say(line),
+            tick=_dot,
+            compat=compat,
+            sealed_model=sealed_model,
         )
     except stack.StackError as exc:
         print(file=sys.stderr)
@@ -175,7 +204,7 @@ def measure(
         print(f"  PCR{n:<2} {measured.pcrs[n].hex()}")
     print(f"app root  {measured.app_root} (enclave/, protocol/)")
     print(f"config    {measured.enclave_config}")
-    print(f"model     {measured.model_dir}")
+    print(f"model     {measured.model_dir or 'sealed (pinned by its manifest digest)'}")
     print()
     found = stack.read_key_policy(paths)
     if found is None:
@@ -222,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             return measure(paths, args.model_dir, args.app_root, args.json)
         with stack.stack_lock(paths):
             if args.command == "up":
-                return up(paths, args.model_dir, args.app_root)
+                return up(
+                    paths,
+                    args.model_dir,
+                    args.app_root,
+                    compat=args.compat,
+                    sealed_model=args.sealed_model,
+                )
             if args.command == "restart":
                 return restart_enclave(paths)
             return down(paths)

@@ -32,9 +32,15 @@ def renderer() -> ModuleType:
 
 
 def render_local_policy(
-    pcrs: Mapping[int, bytes], *, admin_arn: str, user_arn: str, parent_arn: str
+    pcrs: Mapping[int, bytes],
+    *,
+    admin_arn: str,
+    user_arn: str,
+    parent_arn: str,
+    layout: str = "strict",
 ) -> dict[str, Any]:
-    """The strict policy document (a JSON object) for the local key, pinned to PCR0-2 of `pcrs`.
+    """The policy document (a JSON object) of `layout` (strict, or compat for protocol v1's key)
+    for a local key, pinned to PCR0-2 of `pcrs`.
 
     Raises ValueError (the renderer's RenderError) for a missing or malformed PCR or ARN.
     """
@@ -51,4 +57,4 @@ def render_local_policy(
         parent_role_arn=parent_arn,
         admin_arns=(admin_arn,),
     )
-    return render.render({n: pcrs[n].hex() for n in PINNED_PCRS}, principals, layout="strict")
+    return render.render({n: pcrs[n].hex() for n in PINNED_PCRS}, principals, layout=layout)

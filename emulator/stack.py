@@ -39,7 +39,9 @@ ADMIN_ARN = f"arn:aws:iam::{ACCOUNT_ID}:root"
 USER_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/nitro-llm-user"
 PARENT_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/nitro-llm-parent"
 KEY_ALIAS = "alias/nitro-llm"
+COMPAT_KEY_ALIAS = "alias/nitro-llm-compat"  # protocol v1's own key (`up --compat`)
 COMPONENTS = ("kms", "nsm", "enclave", "proxy")  # start order; stopped in reverse
+ALL_COMPONENTS = ("kms", "feed", "nsm", "enclave", "proxy")  # the model feed: `up --sealed-model`
 NO_ISOLATION = (
     "Local mode gives no isolation: the 'enclave' is an ordinary process on this machine; "
     "it shows the protocol, not the protection."
@@ -529,14 +531,19 @@ def stop_all(paths: StatePaths, timeout: float = STOP_TIMEOUT_S) -> list[Proc]:
     was running. A pid file naming a dead or foreign process is only removed.
     """
     stopped = []
-    for name in reversed(COMPONENTS):
+    for name in reversed(ALL_COMPONENTS):
         pid = component_pid(paths, name)
         if pid is not None:
             _stop_group(paths, pid, timeout)
             stopped.append(Proc(name, pid, paths.log(name)))
         with contextlib.suppress(FileNotFoundError):
             paths.pid_file(name).unlink()
-    for leftover in (paths.nsm_socket, paths.enclave_socket, paths.kms_port_file):
+    for leftover in (
+        paths.nsm_socket,
+        paths.enclave_socket,
+        feed_socket(paths),
+        paths.kms_port_file,
+    ):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
     if paths.socket_dir != paths.run:
@@ -638,17 +645,25 @@ def kms_client(endpoint: str, key: AccessKey, region: str = REGION) -> Any:
     )
 
 
-def create_or_load_key(paths: StatePaths, admin_client: Any) -> str:
-    """The key's ARN: the one in DIR/key.json if KMS still has it, else alias/nitro-llm's, else a
-    new key with that alias. Recorded in DIR/key.json."""
+def create_or_load_key(
+    paths: StatePaths,
+    admin_client: Any,
+    *,
+    alias: str = KEY_ALIAS,
+    record: Path | None = None,
+    description: str = "nitro-llm local key (nitro-local)",
+) -> str:
+    """The key's ARN: the one recorded in `record` (default DIR/key.json) if KMS still has it,
+    else `alias`'s, else a new key with that alias. Recorded in `record`."""
     from botocore.exceptions import ClientError
 
+    record = record or paths.key_file
     candidates = []
-    if paths.key_file.exists():
-        recorded = _read_json(paths.key_file)
+    if record.exists():
+        recorded = _read_json(record)
         if isinstance(recorded, dict) and isinstance(recorded.get("key_arn"), str):
             candidates.append(recorded["key_arn"])
-    candidates.append(KEY_ALIAS)
+    candidates.append(alias)
     arn = None
     for ref in candidates:
         try:
@@ -659,18 +674,24 @@ def create_or_load_key(paths: StatePaths, admin_client: Any) -> str:
                 raise
     if arn is None:
         metadata = admin_client.create_key(
-            Description="nitro-llm local key (nitro-local)",
+            Description=description,
             KeyUsage="ENCRYPT_DECRYPT",
             KeySpec="SYMMETRIC_DEFAULT",
         )["KeyMetadata"]
         arn = metadata["Arn"]
-        admin_client.create_alias(AliasName=KEY_ALIAS, TargetKeyId=metadata["KeyId"])
-    _write_file(paths.key_file, json.dumps({"key_arn": arn}, indent=2) + "\n", mode=0o600)
+        admin_client.create_alias(AliasName=alias, TargetKeyId=metadata["KeyId"])
+    _write_file(record, json.dumps({"key_arn": arn}, indent=2) + "\n", mode=0o600)
     return arn
 
 
 def write_enclave_config(
-    paths: StatePaths, *, key_arn: str, model_dir: Path, kms_endpoint: str
+    paths: StatePaths,
+    *,
+    key_arn: str,
+    model_dir: Path,
+    kms_endpoint: str,
+    compat_key_arn: str | None = None,
+    sealed: SealedModel | None = None,
 ) -> Path:
     """DIR/enclave.json, the enclave's measured configuration (PCR2 covers it)."""
     config = {
@@ -679,6 +700,13 @@ def write_enclave_config(
         "model_dir": str(model_dir),
         "kms_endpoint": kms_endpoint,
     }
+    if sealed is not None:  # the digest is pinned instead of a directory
+        del config["model_dir"]
+        config["model_manifest_sha256"] = sealed.manifest_sha256
+        config["model_key_id"] = sealed.key_arn
+        config["model_feed"] = f"unix://{feed_socket(paths)}"
+    if compat_key_arn is not None:
+        config["compat_key_id"] = compat_key_arn
     _write_file(paths.enclave_config, json.dumps(config, indent=2) + "\n", mode=0o644)
     return paths.enclave_config
 
@@ -721,17 +749,21 @@ def record_app_root(paths: StatePaths, root: Path | None) -> Path:
     return chosen
 
 
-def measure_pcrs(paths: StatePaths, model_dir: Path, app: Path | None = None) -> dict[int, bytes]:
+def measure_pcrs(
+    paths: StatePaths, model_dir: Path | None, app: Path | None = None
+) -> dict[int, bytes]:
     """The PCRs the NSM emulator will report for the app root, DIR's config and the model."""
     from emulator.measure import measure
 
     return measure(app if app is not None else app_root(paths), paths.enclave_config, model_dir)
 
 
-def apply_local_policy(admin_client: Any, key_arn: str, pcrs: dict[int, bytes]) -> dict[str, Any]:
+def apply_local_policy(
+    admin_client: Any, key_arn: str, pcrs: dict[int, bytes], layout: str = "strict"
+) -> dict[str, Any]:
     """PutKeyPolicy with the local policy pinned to `pcrs`; returns the policy document."""
     policy = render_local_policy(
-        pcrs, admin_arn=ADMIN_ARN, user_arn=USER_ARN, parent_arn=PARENT_ARN
+        pcrs, admin_arn=ADMIN_ARN, user_arn=USER_ARN, parent_arn=PARENT_ARN, layout=layout
     )
     admin_client.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(policy))
     return policy
@@ -739,7 +771,7 @@ def apply_local_policy(admin_client: Any, key_arn: str, pcrs: dict[int, bytes]) 
 
 def start_nsm(
     paths: StatePaths,
-    model_dir: Path,
+    model_dir: Path | None,
     *,
     app: Path | None = None,
     timeout: float = START_TIMEOUT_S,
@@ -747,18 +779,20 @@ def start_nsm(
     """Start the NSM emulator, measuring `app` (by default DIR's app root); wait for its socket."""
     with contextlib.suppress(FileNotFoundError):
         paths.nsm_socket.unlink()
-    argv = _command("nitro-nsm-emulator", "emulator.nsm_server") + [
-        "--socket",
-        str(paths.nsm_socket),
-        "--state-dir",
-        str(paths.root),
-        "--app-root",
-        str(app if app is not None else app_root(paths)),
-        "--enclave-config",
-        str(paths.enclave_config),
-        "--model-dir",
-        str(model_dir),
-    ]
+    argv = (
+        _command("nitro-nsm-emulator", "emulator.nsm_server")
+        + [
+            "--socket",
+            str(paths.nsm_socket),
+            "--state-dir",
+            str(paths.root),
+            "--app-root",
+            str(app if app is not None else app_root(paths)),
+            "--enclave-config",
+            str(paths.enclave_config),
+        ]
+        + (["--model-dir", str(model_dir)] if model_dir is not None else [])
+    )
     proc = spawn(paths, "nsm", argv)
     _wait_for("socket", paths.nsm_socket.exists, proc, paths, timeout)
     return proc
@@ -799,20 +833,24 @@ def write_parent_credentials(paths: StatePaths, parent: AccessKey) -> Path:
     return paths.parent_credentials
 
 
-def start_proxy(paths: StatePaths, port: int) -> Proc:
+def start_proxy(paths: StatePaths, port: int, *, compat: bool = False) -> Proc:
     """Start the parent proxy (HTTPS on 127.0.0.1:`port`) relaying to the enclave's socket."""
-    argv = _command("parent-proxy", "parent_proxy.main") + [
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--enclave",
-        f"unix://{paths.enclave_socket}",
-        "--certfile",
-        str(paths.cert),
-        "--keyfile",
-        str(paths.tls_key),
-        "--credentials-file",
-        str(paths.parent_credentials),
-    ]
+    argv = (
+        _command("parent-proxy", "parent_proxy.main")
+        + [
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--enclave",
+            f"unix://{paths.enclave_socket}",
+            "--certfile",
+            str(paths.cert),
+            "--keyfile",
+            str(paths.tls_key),
+            "--credentials-file",
+            str(paths.parent_credentials),
+        ]
+        + (["--compat-v1"] if compat else [])
+    )
     return spawn(paths, "proxy", argv)
 
 
@@ -883,6 +921,8 @@ def write_profile(
     key_arn: str,
     user: AccessKey,
     attestation_root: Path,
+    compat_key_arn: str | None = None,
+    model_key_arn: str | None = None,
 ) -> Path:
     """DIR/profile.json (0600, it holds the user's secret key): what `chatbot --local` reads."""
     profile = {
@@ -897,6 +937,10 @@ def write_profile(
             "secret_access_key": user.secret_access_key,
         },
     }
+    if compat_key_arn is not None:
+        profile["compat_key_id"] = compat_key_arn
+    if model_key_arn is not None:
+        profile["model_key_id"] = model_key_arn  # the model owner's key (up --sealed-model)
     _write_file(paths.profile, json.dumps(profile, indent=2) + "\n", mode=0o600)
     return paths.profile
 
@@ -984,8 +1028,17 @@ def bring_up(
     progress: Progress | None = None,
     tick: Callable[[], None] | None = None,
     ready_timeout: float = READY_TIMEOUT_S,
+    compat: bool = False,
+    sealed_model: bool = False,
 ) -> Endpoints:
     """Start every component for DIR (none may be running) and wait until the proxy is ready.
+
+    `compat` adds protocol v1 (the original sample's clients): its own key with the compat
+    policy, named in the enclave's measured config, and the proxy's `POST /`.
+
+    `sealed_model` plays a model owner (DIR/owner: the tiny model, or `model_dir`'s, and a key
+    of its own) who seals the model; the parent side gets only DIR/sealed-model, served by the
+    model feed, and the enclave's measured config pins the manifest digest.
 
     The enclave runs from `app` (a copy of the checkout's enclave/ and protocol/), by default
     from this checkout; DIR/app.json records which, for `measure` and `restart enclave`.
@@ -998,7 +1051,11 @@ def bring_up(
     record_app_root(paths, app)
     attestation_root = ensure_ca(paths)
     principals = ensure_principals(paths)
-    model = ensure_model(paths, model_dir, report)
+    if sealed_model:
+        owner = ensure_model_owner(paths)
+        model = ensure_owner_model(paths, model_dir, report)
+    else:
+        model = ensure_model(paths, model_dir, report)
     ensure_tls_cert(paths)
     procs: list[Proc] = []
     try:
@@ -1007,17 +1064,58 @@ def bring_up(
         procs.append(kms)
         admin = kms_client(kms_endpoint, principals.admin)
         key_arn = _step("kms", "creating the key", lambda: create_or_load_key(paths, admin))
-        write_enclave_config(paths, key_arn=key_arn, model_dir=model, kms_endpoint=kms_endpoint)
+        compat_arn = None
+        if compat:
+            compat_arn = _step(
+                "kms",
+                "creating the compat key",
+                lambda: create_or_load_key(
+                    paths,
+                    admin,
+                    alias=COMPAT_KEY_ALIAS,
+                    record=paths.root / "compat_key.json",
+                    description="nitro-llm protocol v1 key (nitro-local up --compat)",
+                ),
+            )
+        sealed = None
+        if sealed_model:
+            report("sealing the model as its owner, under a model key of the owner's")
+            sealed = _step(
+                "kms", "sealing the model", lambda: seal_owner_model(paths, model, admin, owner)
+            )
+        write_enclave_config(
+            paths,
+            key_arn=key_arn,
+            model_dir=model,
+            kms_endpoint=kms_endpoint,
+            compat_key_arn=compat_arn,
+            sealed=sealed,
+        )
         report("measuring the enclave and pinning the key policy to its PCRs")
-        pcrs = measure_pcrs(paths, model)
+        measured_model = None if sealed is not None else model
+        pcrs = measure_pcrs(paths, measured_model)
+        if sealed is not None:
+            _step(
+                "kms",
+                "setting the model key policy",
+                lambda: apply_model_key_policy(admin, sealed.key_arn, pcrs),
+            )
         _step("kms", "setting the key policy", lambda: apply_local_policy(admin, key_arn, pcrs))
+        if compat_arn is not None:
+            _step(
+                "kms",
+                "setting the compat key policy",
+                lambda: apply_local_policy(admin, compat_arn, pcrs, layout="compat"),
+            )
         report("starting the NSM emulator, the enclave server and the parent proxy")
-        procs.append(start_nsm(paths, model))
-        procs.append(start_enclave(paths))
         write_parent_credentials(paths, principals.parent)
+        if sealed is not None:
+            procs.append(start_feed(paths, sealed.sealed_dir))
+        procs.append(start_nsm(paths, measured_model))
+        procs.append(start_enclave(paths))
         port = free_port(previous_proxy_port(paths))
         proxy_url = f"https://127.0.0.1:{port}"
-        procs.append(start_proxy(paths, port))
+        procs.append(start_proxy(paths, port, compat=compat))
         report("waiting for the enclave to load its model")
         wait_ready(paths, proxy_url, procs, timeout=ready_timeout, tick=tick)
     except BaseException:
@@ -1030,6 +1128,8 @@ def bring_up(
         key_arn=key_arn,
         user=principals.user,
         attestation_root=attestation_root,
+        compat_key_arn=compat_arn,
+        model_key_arn=sealed.key_arn if sealed is not None else None,
     )
     return Endpoints(proxy_url, kms_endpoint, profile, paths.logs, key_arn)
 
@@ -1097,7 +1197,7 @@ class Measurement:
     pcrs: dict[int, bytes]
     app_root: Path
     enclave_config: Path
-    model_dir: Path
+    model_dir: Path | None  # None: a sealed model, pinned by digest in the configuration
 
 
 def measure_enclave(
@@ -1115,11 +1215,13 @@ def measure_enclave(
     if model_dir is None:
         config = _read_json(paths.enclave_config)
         named = config.get("model_dir") if isinstance(config, dict) else None
-        if not isinstance(named, str):
+        if isinstance(config, dict) and config.get("model_manifest_sha256"):
+            named = None  # a sealed model is pinned by its digest, not measured as files
+        elif not isinstance(named, str):
             raise StackError(f"{paths.enclave_config} names no model_dir; pass --model-dir")
-        model_dir = Path(named)
+        model_dir = Path(named) if named is not None else None
     root = check_app_root(app) if app is not None else app_root(paths)
-    model_dir = Path(os.path.abspath(model_dir))
+    model_dir = Path(os.path.abspath(model_dir)) if model_dir is not None else None
     try:
         pcrs = measure(root, paths.enclave_config, model_dir)
     except MeasureError as exc:
@@ -1190,3 +1292,161 @@ def read_key_policy(paths: StatePaths) -> tuple[str, dict[str, Any]] | None:
     except json.JSONDecodeError as exc:
         raise StackError("the key policy KMS returned is not JSON", "kms") from exc
     return key_arn, policy if isinstance(policy, dict) else {}
+
+
+# ---- a sealed model (`up --sealed-model`) --------------------------------------------------------
+
+MODEL_OWNER_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/nitro-llm-model-owner"
+MODEL_KEY_ALIAS = "alias/nitro-llm-model"
+
+
+@dataclass(frozen=True)
+class SealedModel:
+    key_arn: str  # the model owner's KMS key
+    sealed_dir: Path  # the parent's copy: ciphertext, manifest and wrapped key only
+    manifest_sha256: str  # what the enclave's measured configuration pins
+
+
+def owner_dir(paths: StatePaths) -> Path:
+    """DIR/owner stands for the model owner's machine: the parent side never reads it."""
+    return paths.root / "owner"
+
+
+def sealed_model_dir(paths: StatePaths) -> Path:
+    return paths.root / "sealed-model"
+
+
+def feed_socket(paths: StatePaths) -> Path:
+    return paths.socket_dir / "feed.sock"
+
+
+def ensure_model_owner(paths: StatePaths) -> AccessKey:
+    """The model owner's access key, added to DIR/principals.json once (the KMS emulator re-reads
+    the file when it changes)."""
+    found = _load_principal(paths, MODEL_OWNER_ARN)
+    if found is not None:
+        return found
+    table = _read_json(paths.principals)
+    owner = _new_access_key(MODEL_OWNER_ARN)
+    table[owner.access_key_id] = {"secret_access_key": owner.secret_access_key, "arn": owner.arn}
+    _write_file(paths.principals, json.dumps(table, indent=2) + "\n", mode=0o600)
+    return owner
+
+
+def ensure_owner_model(
+    paths: StatePaths, model_dir: Path | None = None, progress: Progress | None = None
+) -> Path:
+    """DIR/owner/model: a copy of `model_dir` (or of the tiny model, built once) with the fast
+    engine's prepared weights, on the owner's side."""
+    import shutil
+
+    target = owner_dir(paths) / "model"
+    if (target / PREPARED_WEIGHTS).is_file():
+        return target
+    owner_dir(paths).mkdir(mode=0o700, exist_ok=True)
+    if model_dir is None and not (paths.default_model_dir / PREPARED_WEIGHTS).is_file():
+        # Built on the owner's side: the parent's side never holds the plaintext model.
+        return ensure_model(StatePaths(owner_dir(paths)), None, progress)
+    source = ensure_model(paths, model_dir, progress)
+    staging = Path(tempfile.mkdtemp(dir=owner_dir(paths), prefix=".model-"))
+    try:
+        for item in source.iterdir():
+            if item.is_file() and not item.name.startswith("."):
+                shutil.copyfile(item, staging / item.name)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            _remove_tree(staging)
+    return target
+
+
+def seal_owner_model(
+    paths: StatePaths, model: Path, admin_client: Any, owner: AccessKey
+) -> SealedModel:
+    """The model owner's key (created once by the admin) and DIR/sealed-model, sealed by the owner
+    with its own credentials; an existing sealing is kept while the model's files are unchanged."""
+    from protocol.errors import NitroError
+    from protocol.sealed_model import (
+        Manifest,
+        build_manifest,
+        read_key_file,
+        read_manifest,
+        seal_directory,
+    )
+
+    key_arn = create_or_load_key(
+        paths,
+        admin_client,
+        alias=MODEL_KEY_ALIAS,
+        record=owner_dir(paths) / "model_key.json",
+        description="nitro-llm model owner's key (nitro-local up --sealed-model)",
+    )
+    target = sealed_model_dir(paths)
+    try:
+        manifest = Manifest.parse(read_manifest(target))
+        kept = read_key_file(target).key_id == key_arn and manifest.files == (
+            build_manifest(model, manifest.chunk_size).files
+        )
+    except (OSError, ValueError, NitroError):  # absent or unreadable: sealed again
+        kept = False
+    if kept:
+        return SealedModel(key_arn, target, manifest.digest.hex())
+    client = kms_client(_kms_endpoint_of(admin_client), owner)
+
+    def wrap(context: Any) -> tuple[bytes, bytes, str]:
+        answer = client.generate_data_key(
+            KeyId=key_arn, KeySpec="AES_256", EncryptionContext=dict(context)
+        )
+        return answer["Plaintext"], answer["CiphertextBlob"], answer["KeyId"]
+
+    staging = Path(tempfile.mkdtemp(dir=paths.root, prefix=".sealed-model-"))
+    try:
+        manifest = seal_directory(model, staging / "out", wrap)
+        if target.exists():
+            _remove_tree(target)
+        os.replace(staging / "out", target)
+    finally:
+        _remove_tree(staging)
+    return SealedModel(key_arn, target, manifest.digest.hex())
+
+
+def _kms_endpoint_of(client: Any) -> str:
+    return str(client.meta.endpoint_url)
+
+
+def apply_model_key_policy(
+    admin_client: Any, key_arn: str, pcrs: dict[int, bytes]
+) -> dict[str, Any]:
+    """The model key's policy: the owner seals (purpose "model"), only the enclave of `pcrs`
+    decrypts (scripts/render_key_policy.py --purpose model)."""
+    from emulator.local_policy import PINNED_PCRS, renderer
+
+    render = renderer()
+    principals = render.Principals(
+        account_id=ACCOUNT_ID,
+        user_arns=(MODEL_OWNER_ARN,),
+        parent_role_arn=PARENT_ARN,
+        admin_arns=(ADMIN_ARN,),
+    )
+    policy = render.render(
+        {n: pcrs[n].hex() for n in PINNED_PCRS}, principals, layout="strict", purpose="model"
+    )
+    admin_client.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(policy))
+    return policy
+
+
+def start_feed(paths: StatePaths, sealed_dir: Path, timeout: float = START_TIMEOUT_S) -> Proc:
+    """Start the model feed serving `sealed_dir` on its unix socket; wait for the socket."""
+    with contextlib.suppress(FileNotFoundError):
+        feed_socket(paths).unlink()
+    argv = _command("nitro-model-feed", "parent_proxy.model_feed") + [
+        "--sealed-dir",
+        str(sealed_dir),
+        "--listen",
+        f"unix://{feed_socket(paths)}",
+        "--credentials-file",
+        str(paths.parent_credentials),
+    ]
+    proc = spawn(paths, "feed", argv)
+    _wait_for("socket", feed_socket(paths).exists, proc, paths, timeout)
+    return proc

@@ -23,7 +23,7 @@ class ConfigError(Exception):
 class EnclaveConfig:
     region: str
     key_ids: tuple[str, ...]
-    model_dir: str
+    model_dir: str = ""  # the baked model's directory; "" when the model is sealed
     kms_endpoint: str | None = None  # None: https://kms.<region>.amazonaws.com
     ca_bundle: str | None = None  # PEM path inside the image; None: botocore's bundle
     debug_plaintext_log: bool = False  # honoured only when PCR0-2 are zero (debug mode)
@@ -35,9 +35,21 @@ class EnclaveConfig:
     max_connections: int = 32
     max_frame_bytes: int = 1 << 20
     kms_timeout_s: float = 10.0
+    # KMS Decrypt calls (data-key cache misses): per conversation (key id, session), a burst
+    # then one every 30 s; and in total, across every caller (enclave/kms.py misses_identity).
+    kms_miss_burst: float = 4
+    kms_miss_rate: float = 1 / 30
+    kms_total_burst: float = 50
+    kms_total_rate: float = 10.0
     engine: str = "fast"  # "fast" (int8, batched; needs prepared weights) or "reference"
     max_batch: int = 8  # sequences decoded together
     max_queue: int = 32  # requests waiting for a slot; more get `overloaded`
+    compat_key_id: str | None = None  # protocol v1's own key; None: v1 is refused (the default)
+    # A sealed model (protocol/sealed_model.py): pulled from the parent's feed at boot, its key
+    # from the model owner's KMS key by attestation; the manifest digest pins the weights.
+    model_manifest_sha256: str | None = None
+    model_key_id: str | None = None
+    model_feed: str | None = None  # vsock://3:5100 in production, unix:///... locally
 
     @classmethod
     def load(cls, path: str | Path) -> EnclaveConfig:
@@ -57,7 +69,8 @@ class EnclaveConfig:
         unknown = raw.keys() - known.keys()
         if unknown:
             raise ConfigError(f"unknown configuration field(s): {', '.join(sorted(unknown))}")
-        for name in ("region", "key_ids", "model_dir"):
+        sealed = _check_sealed_model(raw)
+        for name in ("region", "key_ids") + (() if sealed else ("model_dir",)):
             if name not in raw:
                 raise ConfigError(f"configuration lacks {name}")
         values = dict(raw)
@@ -72,9 +85,14 @@ class EnclaveConfig:
         ):
             raise ConfigError("key_ids must be a non-empty list of key ids or ARNs")
         values["key_ids"] = tuple(key_ids)
-        for name in ("model_dir",):
+        for name in () if sealed else ("model_dir",):
             if not isinstance(values[name], str) or not values[name]:
                 raise ConfigError(f"{name} must be a path")
+        compat = values.get("compat_key_id")
+        if compat is not None and (not isinstance(compat, str) or not compat):
+            raise ConfigError("compat_key_id must be a key id or ARN, or null")
+        if compat is not None and compat in key_ids:
+            raise ConfigError("compat_key_id must not be one of key_ids: v2's key never takes v1")
         for name in ("kms_endpoint", "ca_bundle"):
             if values.get(name) is not None and not isinstance(values[name], str):
                 raise ConfigError(f"{name} must be a string or null")
@@ -91,6 +109,10 @@ class EnclaveConfig:
             "max_connections": (1, 1024),
             "max_frame_bytes": (4096, 64 << 20),
             "kms_timeout_s": (0.1, 120),
+            "kms_miss_burst": (1, 10_000),
+            "kms_miss_rate": (0.001, 10_000),
+            "kms_total_burst": (1, 100_000),
+            "kms_total_rate": (0.001, 100_000),
             "max_batch": (1, 64),
             "max_queue": (0, 4096),
         }
@@ -112,3 +134,31 @@ class EnclaveConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["key_ids"] = list(self.key_ids)
         return out
+
+
+_SEALED_FIELDS = ("model_manifest_sha256", "model_key_id", "model_feed")
+
+
+def _check_sealed_model(raw: dict[str, Any]) -> bool:
+    """True when `raw` names a sealed model (all three fields, and no model_dir)."""
+    given = [name for name in _SEALED_FIELDS if raw.get(name) is not None]
+    if not given:
+        return False
+    if len(given) != len(_SEALED_FIELDS):
+        raise ConfigError(f"a sealed model needs all of {', '.join(_SEALED_FIELDS)}")
+    if raw.get("model_dir"):
+        raise ConfigError("a sealed model has no model_dir: give one or the other")
+    digest = raw["model_manifest_sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        raise ConfigError("model_manifest_sha256 must be 64 lowercase hex characters")
+    if not isinstance(raw["model_key_id"], str) or not raw["model_key_id"]:
+        raise ConfigError("model_key_id must be a key id or ARN")
+    if not isinstance(raw["model_feed"], str):
+        raise ConfigError("model_feed must be an address")
+    from protocol.transport import Address
+
+    try:
+        Address.parse(raw["model_feed"])
+    except ValueError as exc:
+        raise ConfigError(f"model_feed: {exc}") from exc
+    return True

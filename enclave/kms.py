@@ -26,6 +26,7 @@ from protocol.cms import CmsError, open_enveloped_data
 from protocol.errors import ErrorCode, NitroError
 from protocol.logs import Timer, event
 from protocol.messages import Credentials
+from protocol.ratelimit import RateLimited, RateLimiter
 
 log = logging.getLogger("enclave.kms")
 
@@ -67,6 +68,17 @@ class KeyCache:
         return len(self._entries)
 
 
+def misses_identity(key_id: str, context: Mapping[str, str]) -> tuple[str, str]:
+    """Who a cache miss is charged to: the conversation, (key id, session).
+
+    Nothing in a request is authenticated before its data key is known, so any identity here is
+    chosen by the caller; this one bounds retries within a conversation (a client replaying one
+    session with new EDKs), while the total bound (`kms_limiter`) is what no caller can evade.
+    The client's network address is known only to the proxy, which limits by it.
+    """
+    return key_id, context.get("session", "")
+
+
 class AttestationRejected(NitroError):
     """KMS refused the key to this enclave image. The PCR0 it presented is public (a measurement,
     no secret), and the one thing an operator needs to compare with the key policy."""
@@ -96,6 +108,11 @@ class AttestedKms:
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self.calls = 0  # KMS round trips made (cache misses that reached KMS)
+        self.cache_hits = 0  # data keys served from the cache (enclave/metrics.py reads both)
+        # Each miss costs an NSM document, an RSA decryption and a KMS call, all before the
+        # request's tag can be checked; see misses_identity for who a "client" is here.
+        self.miss_limiter = RateLimiter(config.kms_miss_rate, config.kms_miss_burst)
+        self.kms_limiter = RateLimiter(config.kms_total_rate, config.kms_total_burst)
 
     def _client(self, credentials: Credentials) -> Any:
         # One botocore client per credential set: creating one costs tens of milliseconds.
@@ -137,16 +154,40 @@ class AttestedKms:
         cache_key = KeyCache.key(key_id, edk, context)
         cached = self.cache.get(cache_key)
         if cached is not None:
+            self.cache_hits += 1
             return cached
+        identity = misses_identity(key_id, context)
+        self.miss_limiter.check(identity, "new data keys for this conversation")
+        try:
+            data_key = self.decrypt_for_recipient(key_id, edk, context, credentials, trace_id)
+        except RateLimited:
+            self.miss_limiter.refund(identity)  # refused by the total bound: KMS never asked
+            raise
+        if len(data_key) != 32:
+            raise NitroError(ErrorCode.KMS_ERROR, "data key is not 256 bits")
+        self.cache.put(cache_key, data_key)
+        return data_key
+
+    def decrypt_for_recipient(
+        self,
+        key_id: str,
+        blob: bytes,
+        context: Mapping[str, str],
+        credentials: Credentials | None,
+        trace_id: str = "",
+    ) -> bytes:
+        """KMS `Decrypt` of `blob` with this boot's attestation as `Recipient`: the plaintext,
+        opened from the CMS envelope only this process can open. Not cached."""
         if credentials is None:
             raise NitroError(ErrorCode.KMS_ERROR, "the parent sent no credentials for KMS")
+        self.kms_limiter.check("all", "KMS calls")
         timer = Timer()
         document = get_attestation(self._nsm, public_key=self._identity.public_der)
         self.calls += 1
         try:
             answer = self._client(credentials).decrypt(
                 KeyId=key_id,
-                CiphertextBlob=edk,
+                CiphertextBlob=blob,
                 EncryptionContext=dict(context),
                 Recipient={
                     "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
@@ -180,11 +221,39 @@ class AttestedKms:
         if not envelope or "Plaintext" in answer:
             raise NitroError(ErrorCode.KMS_ERROR, "KMS did not answer for the recipient")
         try:
-            data_key = open_enveloped_data(envelope, self._identity.private_key)
+            plaintext = open_enveloped_data(envelope, self._identity.private_key)
         except CmsError as exc:
             raise NitroError(ErrorCode.KMS_ERROR, "KMS's envelope did not open") from exc
-        if len(data_key) != 32:
-            raise NitroError(ErrorCode.KMS_ERROR, "data key is not 256 bits")
-        self.cache.put(cache_key, data_key)
         event(log, "kms_decrypt", trace_id=trace_id, ms=timer.ms())
-        return data_key
+        return plaintext
+
+    def encrypt(
+        self, key_id: str, plaintext: bytes, credentials: Credentials | None, trace_id: str = ""
+    ) -> bytes:
+        """KMS `Encrypt` under `key_id` with the parent role's credentials (protocol v1's answers:
+        the original sample's client opens them with its own `Decrypt`)."""
+        if credentials is None:
+            raise NitroError(ErrorCode.KMS_ERROR, "the parent sent no credentials for KMS")
+        timer = Timer()
+        self.calls += 1
+        try:
+            answer = self._client(credentials).encrypt(KeyId=key_id, Plaintext=plaintext)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            event(log, "kms_encrypt_refused", logging.WARNING, trace_id=trace_id, kms_code=code)
+            raise NitroError(ErrorCode.KMS_ERROR, f"KMS answered {code}") from exc
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            event(
+                log,
+                "kms_unreachable",
+                logging.WARNING,
+                trace_id=trace_id,
+                error=type(exc).__name__,
+                endpoint=self._config.endpoint_url,
+            )
+            raise NitroError(ErrorCode.KMS_UNAVAILABLE, "KMS could not be reached") from exc
+        blob = answer.get("CiphertextBlob")
+        if not isinstance(blob, bytes) or not blob:
+            raise NitroError(ErrorCode.KMS_ERROR, "KMS answered no ciphertext")
+        event(log, "kms_encrypt", trace_id=trace_id, ms=timer.ms())
+        return blob

@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from enclave import legacy
 from enclave.boot import Identity
 from enclave.config import EnclaveConfig
 from enclave.engine import Engine, GenerationParams
 from enclave.kms import AttestedKms
+from enclave.metrics import EnclaveMetrics
 from enclave.nsm import Nsm, get_attestation
 from protocol import envelope
 from protocol.errors import ErrorCode, NitroError
@@ -82,6 +84,7 @@ class EnclaveServer:
         kms: AttestedKms,
         engine_loader: Callable[[], Engine],
         plaintext_log: bool = False,
+        metrics: EnclaveMetrics | None = None,
     ) -> None:
         self.config, self.nsm, self.identity, self.kms = config, nsm, identity, kms
         self._engine_loader = engine_loader
@@ -89,6 +92,8 @@ class EnclaveServer:
         self.load_error: str | None = None
         self.replays = ReplayGuard(config.replay_window_s)
         self.stats = Stats()
+        self.metrics = metrics or EnclaveMetrics()
+        self.metrics.watch(kms, lambda: self.engine)
         self._plaintext_log = plaintext_log
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stop = threading.Event()
@@ -101,7 +106,8 @@ class EnclaveServer:
         try:
             self.engine = self._engine_loader()
         except Exception as exc:  # a broken model must show as not ready, not kill the server
-            self.load_error = type(exc).__name__
+            # A refused sealed model names its check (model_chunk_corrupt...), never content.
+            self.load_error = exc.code.code if isinstance(exc, NitroError) else type(exc).__name__
             event(log, "model_load_failed", logging.ERROR, error=self.load_error)
             return
         event(log, "model_loaded", model=self.engine.name, ms=timer.ms())
@@ -129,6 +135,7 @@ class EnclaveServer:
             pass
         finally:
             conn.close()
+            self.metrics.observe_request("unknown", ErrorCode.OVERLOADED.code, 0.0)  # unread
 
     # ---- one connection ----------------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class EnclaveServer:
             if outcome not in ("ok", "closed"):
                 self.stats.errors += 1
             event(log, "request", trace_id=trace_id, kind=kind, outcome=outcome, ms=timer.ms())
+            self.metrics.observe_request(kind, outcome, timer.ms() / 1000)
 
     def _send_error(self, conn: socket.socket, error: NitroError) -> None:
         try:
@@ -169,6 +177,11 @@ class EnclaveServer:
             pass
 
     def _dispatch(self, conn: socket.socket, frame: RequestFrame) -> str:
+        if frame.kind is Kind.METRICS:
+            data = self.metrics.answer(frame)
+            send_json(conn, status_frame(200))
+            send_json(conn, body_frame(data, final=True))
+            return "ok"
         if frame.kind is Kind.READY:
             ready = self.engine is not None
             send_json(conn, status_frame(200))
@@ -179,6 +192,8 @@ class EnclaveServer:
             return self._attest(conn, frame)
         if frame.kind is Kind.CHAT:
             return self._chat(conn, frame)
+        if frame.kind is Kind.LEGACY:
+            return self._legacy(conn, frame)
         raise NitroError(ErrorCode.BAD_REQUEST, f"kind {frame.kind.value} is not served yet")
 
     def _attest(self, conn: socket.socket, frame: RequestFrame) -> str:
@@ -200,11 +215,31 @@ class EnclaveServer:
         send_json(conn, body_frame({"document": envelope.b64(document)}, final=True))
         return "ok"
 
+    def _legacy(self, conn: socket.socket, frame: RequestFrame) -> str:
+        """Protocol v1 (enclave/legacy.py), only when the measured config names a compat key."""
+        if self.config.compat_key_id is None:
+            raise NitroError(ErrorCode.LEGACY_DISABLED, "no compat key in the measured config")
+        blob = legacy.parse_body(frame.body)
+        if self.engine is None:
+            raise NitroError(ErrorCode.NOT_READY, "model still loading")
+        reply = legacy.answer(
+            engine=self.engine,
+            kms=self.kms,
+            compat_key_id=self.config.compat_key_id,
+            blob=blob,
+            credentials=frame.credentials,
+            trace_id=frame.trace_id,
+        )
+        send_json(conn, status_frame(200))
+        send_json(conn, body_frame(reply, final=True))
+        return "ok"
+
     # ---- chat --------------------------------------------------------------------------------
 
     def _chat(self, conn: socket.socket, frame: RequestFrame) -> str:
         request = envelope.parse_request(frame.body)
         header = request.header
+        self.metrics.observe_chat_request(request)
         if header.key_id not in self.config.key_ids:
             raise NitroError(ErrorCode.UNKNOWN_KEY, "key id not in the measured configuration")
         context = request.context
@@ -279,6 +314,7 @@ class EnclaveServer:
             except OSError:
                 event(log, "client_gone", trace_id=trace_id, seq=seq)
                 return "cancelled"
+            self.metrics.observe_chunk(sealed, tokens)
             seq += 1
         self.stats.tokens += completion
         event(

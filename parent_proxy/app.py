@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from parent_proxy.config import ProxyConfig
 from parent_proxy.credentials import CredentialSource, credential_source
-from parent_proxy.relay import EnclaveReply, RelayLimits, relay_to_enclave
+from parent_proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from parent_proxy.metrics import ProxyMetrics, caller_allowed
+from parent_proxy.pool import EnclavePool
+from parent_proxy.relay import EnclaveReply, RelayLimits
 from protocol import envelope
 from protocol.errors import ErrorCode, NitroError, error_from_wire
 from protocol.logs import Timer, event
 from protocol.messages import CONTENT_JSON, CONTENT_NDJSON, Kind, RequestFrame
+from protocol.ratelimit import RateLimited, RateLimiter
 
 log = logging.getLogger("parent_proxy")
 MAX_NONCE_BYTES = 64
@@ -93,10 +97,24 @@ def create_app(config: ProxyConfig, credentials: CredentialSource | None = None)
     source = credentials or credential_source(config.credentials_file, config.imds_endpoint)
     relay_limits = RelayLimits(config.connect_timeout, config.relay_timeout, config.max_frame)
     ready_limits = RelayLimits(config.ready_timeout, config.ready_timeout, config.max_frame)
+    # One pool per worker process; its health thread runs only with several enclaves.
+    pool = EnclavePool(config.enclaves, ready_limits, config.health_interval).start()
+    app.extensions["enclave_pool"] = pool
+    attestation_limiter = RateLimiter(config.attestation_rate, config.attestation_burst)
+    metrics = ProxyMetrics(config.enclaves, config.ready_timeout)
 
     @app.before_request
     def start_record() -> None:
         g.record = RequestRecord(new_trace_id(), request.method, request.path)
+
+    @app.before_request
+    def hide_metrics() -> None:
+        # Before routing's own errors (405 would say the path exists), for every method.
+        # By the TCP peer's address: the proxy is the TLS edge, no forwarded header is trusted.
+        if request.path == "/metrics" and not caller_allowed(
+            request.remote_addr, config.metrics_allow
+        ):
+            raise NotFound()
 
     @app.after_request
     def finish_record(response: Response) -> Response:
@@ -107,10 +125,15 @@ def create_app(config: ProxyConfig, credentials: CredentialSource | None = None)
         response.headers["X-Request-Id"] = record.trace_id
         # Logged when the server closes the response: after the last byte of a stream.
         response.call_on_close(record.write)
+        response.call_on_close(lambda: metrics.observe(record))
         return response
 
     @app.errorhandler(NitroError)
     def on_nitro_error(exc: NitroError) -> Response:
+        if isinstance(exc, RateLimited):
+            response = error_response(exc)
+            response.headers["Retry-After"] = exc.retry_after_header
+            return response
         if exc.http_status < 500:
             return error_response(exc)  # which field was wrong helps whoever wrote the client
         # Our own trouble (credentials, the enclave): the detail goes to the log only.
@@ -138,25 +161,22 @@ def create_app(config: ProxyConfig, credentials: CredentialSource | None = None)
         )
         return error_response(NitroError(ErrorCode.INTERNAL_ERROR))
 
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(_record().trace_id), content_type=METRICS_CONTENT_TYPE)
+
     @app.get("/healthz")
     def healthz() -> Response:
         return json_response({"status": "ok"})
 
     @app.get("/readyz")
     def readyz() -> Response:
-        frame = RequestFrame(Kind.READY, _record().trace_id)
-        try:
-            with relay_to_enclave(config.enclave, frame, ready_limits) as reply:
-                data: dict[str, Any] = {}
-                if reply.status.error is None:
-                    _final, data = next(reply.frames())
-        except NitroError as exc:
-            _record().detail = exc.code.code  # the log keeps why; the answer is "unavailable"
-            return error_response(NitroError(ErrorCode.ENCLAVE_UNAVAILABLE), 503)
-        model = data.get("model")
-        if data.get("ready") is True and isinstance(model, str):
+        # Ready while any enclave is (pool.ready_model asks those in rotation first).
+        model, why, reason = pool.ready_model(_record().trace_id, ready_limits)
+        if model is not None:
             return json_response({"ready": True, "model": model})
-        return error_response(NitroError(ErrorCode.NOT_READY), 503)
+        _record().detail = reason  # the log keeps why (a code); the answer says only `why`
+        return error_response(NitroError(why), 503)
 
     @app.post("/v1/chat")
     def chat() -> Response:
@@ -165,13 +185,30 @@ def create_app(config: ProxyConfig, credentials: CredentialSource | None = None)
         body = parse_json_body(read_body(config.max_body, config.read_timeout))
         envelope.parse_request(body)  # shape only: the proxy cannot open it
         frame = RequestFrame(Kind.CHAT, _record().trace_id, credentials=source.get(), body=body)
-        return relay_response(relay_to_enclave(config.enclave, frame, relay_limits))
+        return relay_response(pool.relay(frame, relay_limits))
+
+    @app.post("/")
+    def legacy_v1() -> Response:
+        """Protocol v1: the original sample's body. Its credentials are dropped here, unread."""
+        if not config.compat_v1:
+            raise NitroError(ErrorCode.LEGACY_DISABLED, "start the proxy with --compat-v1")
+        if request.mimetype != CONTENT_JSON:
+            raise NitroError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        body = {
+            "ciphertext": legacy_ciphertext(
+                parse_json_body(read_body(4 * _V1_CIPHERTEXT, config.read_timeout))
+            )
+        }
+        frame = RequestFrame(Kind.LEGACY, _record().trace_id, credentials=source.get(), body=body)
+        return relay_response(pool.relay(frame, relay_limits))
 
     @app.get("/v1/attestation")
     def attestation() -> Response:
         nonce = attestation_nonce()
+        # By the peer's address: the proxy is the TLS edge, so no forwarded header is trusted.
+        attestation_limiter.check(request.remote_addr or "-", "attestation requests")
         frame = RequestFrame(Kind.ATTESTATION, _record().trace_id, body={"nonce": nonce})
-        return relay_response(relay_to_enclave(config.enclave, frame, relay_limits))
+        return relay_response(pool.relay(frame, relay_limits))
 
     return app
 
@@ -202,8 +239,8 @@ RETRY_AFTER_S = 1
 
 
 def _with_retry_after(response: Response, code: ErrorCode) -> Response:
-    if code is ErrorCode.OVERLOADED:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if code in (ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED):  # the enclave's limit has no
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)  # wait in its frame: ask again soon
     return response
 
 
@@ -280,6 +317,24 @@ def attestation_nonce() -> str | None:
     if len(values) > 1 or not _NONCE_HEX.fullmatch(values[0]):
         raise NitroError(ErrorCode.BAD_REQUEST, f"nonce must be hex of 1-{MAX_NONCE_BYTES} bytes")
     return values[0].lower()
+
+
+_V1_FIELDS = frozenset({"access_key_id", "secret_access_key", "token", "region", "ciphertext"})
+_V1_CIPHERTEXT = 8192  # base64 characters: a KMS blob of 4096 bytes of plaintext is under 6 KiB
+
+
+def legacy_ciphertext(body: Any) -> str:
+    """The ciphertext of a v1 body, checked for shape; every other field is dropped unread."""
+    if not isinstance(body, dict) or set(body) != _V1_FIELDS:
+        raise NitroError(ErrorCode.BAD_REQUEST, f"v1 takes exactly {', '.join(sorted(_V1_FIELDS))}")
+    if not all(isinstance(value, str) for value in body.values()):
+        raise NitroError(ErrorCode.BAD_REQUEST, "every v1 field is a string")
+    ciphertext = body["ciphertext"]
+    if not ciphertext:
+        raise NitroError(ErrorCode.BAD_REQUEST, "ciphertext is empty")
+    if len(ciphertext) > _V1_CIPHERTEXT:
+        raise NitroError(ErrorCode.LEGACY_TOO_LARGE, "ciphertext over KMS's limit")
+    return ciphertext
 
 
 def parse_json_body(raw: bytes) -> Any:

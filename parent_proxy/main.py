@@ -20,6 +20,7 @@ from gunicorn.app.base import BaseApplication
 from parent_proxy.app import create_app
 from parent_proxy.config import ProxyConfig
 from parent_proxy.credentials import credential_source
+from parent_proxy.metrics import mark_worker_dead, multiprocess_dir
 from protocol import logs
 
 log = logging.getLogger("parent_proxy")
@@ -108,6 +109,7 @@ class ProxyServer(BaseApplication):
             "ssl_context": ssl_context,
             "control_socket_disable": True,  # one shared ~/.gunicorn socket would clash
             "preload_app": False,  # each worker builds its own app (and credential cache)
+            "child_exit": mark_worker_dead,  # parent_proxy/metrics.py: multiprocess mode
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
@@ -137,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         log,
         "starting",
         bind=config.bind,
-        enclave=str(config.enclave),
+        enclave=",".join(str(address) for address in config.enclaves),
         credentials="file" if config.local_mode else "imdsv2",
         workers=config.workers,
         threads=config.threads,
     )
-    ProxyServer(config).run()  # exits the process when the arbiter stops
+    with multiprocess_dir() as metrics_dir:  # the workers' metric files, removed at exit
+        logs.event(log, "metrics_multiprocess", directory=str(metrics_dir))
+        ProxyServer(config).run()  # exits the process when the arbiter stops
     return 0
 
 

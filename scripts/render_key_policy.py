@@ -41,6 +41,8 @@ from protocol.key_policy import Decision, PolicyError, evaluate, validate_policy
 LAYOUTS = {
     "strict": _ROOT / "key_policy.json",
     "cross-account": _ROOT / "key_policy_cross_account.json",
+    # Protocol v1's own key (the original sample's clients): weaker by construction, see README.
+    "compat": _ROOT / "key_policy_compat.json",
 }
 APP = "nitro-llm"
 REQUIRED_PCRS = (0, 1, 2)
@@ -154,7 +156,7 @@ def _arn_account(arn: str, what: str, kinds: tuple[str, ...]) -> str:
 def check_principals(principals: Principals, layout: str) -> None:
     """Refuse ARNs of the wrong shape or account for `layout`, and overlapping roles."""
     if layout not in LAYOUTS:
-        raise RenderError(f"unknown layout {layout!r} (strict or cross-account)")
+        raise RenderError(f"unknown layout {layout!r} ({', '.join(LAYOUTS)})")
     owner = principals.account_id
     if not isinstance(owner, str) or not _ACCOUNT_ID.match(owner):
         raise RenderError(f"--account-id {owner!r} must be 12 digits")
@@ -169,7 +171,7 @@ def check_principals(principals: Principals, layout: str) -> None:
         if _arn_account(arn, "--admin-arn", ("user", "role", "root")) != owner:
             raise RenderError(f"--admin-arn {arn} is not in account {owner}")
     parent_account = _arn_account(principals.parent_role_arn, "--parent-role-arn", ("role",))
-    if layout == "strict" and parent_account != owner:
+    if layout in ("strict", "compat") and parent_account != owner:
         raise RenderError(
             f"--parent-role-arn is in account {parent_account}, not {owner}: use --layout "
             "cross-account for a key kept in another account than the parent's"
@@ -279,8 +281,17 @@ def render(
     *,
     layout: str = "strict",
     template: Mapping[str, Any] | None = None,
+    purpose: str = "data",
 ) -> dict[str, Any]:
-    """The key policy for `principals`, pinned to `pcrs` (from parse_measurements), checked."""
+    """The key policy for `principals`, pinned to `pcrs` (from parse_measurements), checked.
+
+    `purpose="model"` renders a model owner's key (sealed weights, scripts/seal_model.py): the
+    users are the model's owners, who wrap data keys only with the context purpose "model".
+    """
+    if purpose not in PURPOSES:
+        raise RenderError(f"unknown purpose {purpose!r} ({', '.join(PURPOSES)})")
+    if purpose == "model" and layout == "compat":
+        raise RenderError("a model key has no protocol v1 layout: use strict or cross-account")
     check_principals(principals, layout)
     pcrs = parse_measurements({f"PCR{n}": value for n, value in pcrs.items()})
     if template is None:
@@ -290,8 +301,48 @@ def render(
         validate_policy(policy)
     except PolicyError as exc:
         raise RenderError(f"the rendered policy is not valid: {exc}") from None
-    check_promises(policy, pcrs, principals)
+    PROMISES.get(layout, check_promises)(policy, pcrs, principals)
+    if purpose == "model":
+        # Narrowed after the layout's promises held: it only takes grants away.
+        policy = _for_model_key(policy)
+        check_model_promises(policy, principals)
     return policy
+
+
+PURPOSES = ("data", "model")
+MODEL_CONTEXT_KEY = "kms:EncryptionContext:purpose"
+
+
+def _for_model_key(policy: dict[str, Any]) -> dict[str, Any]:
+    """Narrow every GenerateDataKey grant to the context purpose "model" (sealed weights)."""
+    narrowed = 0
+    for statement in policy.get("Statement", []):
+        actions = statement.get("Action")
+        actions = [actions] if isinstance(actions, str) else actions or []
+        if statement.get("Effect") == "Allow" and "kms:GenerateDataKey" in actions:
+            equals = statement.setdefault("Condition", {}).setdefault("StringEquals", {})
+            equals[MODEL_CONTEXT_KEY] = "model"
+            narrowed += 1
+    if not narrowed:
+        raise RenderError("the template grants no kms:GenerateDataKey to narrow to a model key")
+    policy["Id"] = f"{policy.get('Id', APP)}-model"
+    return policy
+
+
+def check_model_promises(policy: Mapping[str, Any], principals: Principals) -> None:
+    """A model key wraps data keys only for sealed models: never without purpose "model"."""
+    model = {"kms:EncryptionContext:app": APP, "kms:EncryptionContext:purpose": "model"}
+    failures = []
+    for owner in principals.user_arns:
+        if not _allowed(policy, owner, "kms:GenerateDataKey", model):
+            failures.append("a model owner seals")
+        for other in ({"kms:EncryptionContext:app": APP}, {**model, MODEL_CONTEXT_KEY: "data"}):
+            if _allowed(policy, owner, "kms:GenerateDataKey", other):
+                failures.append("a data key without purpose model")
+    if failures:
+        raise RenderError(
+            "the rendered model key policy breaks its promises: " + "; ".join(failures)
+        )
 
 
 # ---- the policy's promises ----------------------------------------------------------------------
@@ -374,6 +425,59 @@ def check_promises(
         )
 
 
+def check_compat_promises(
+    policy: Mapping[str, Any], pcrs: Mapping[int, str], principals: Principals
+) -> None:
+    """The compat (protocol v1) key's promises: only the attested enclave decrypts among
+    non-users; users encrypt questions and decrypt answers; nobody re-encrypts or grants."""
+    attested = {f"kms:RecipientAttestation:PCR{n}": value for n, value in pcrs.items()}
+    failures: list[str] = []
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            failures.append(what)
+
+    parent = principals.parent_role_arn
+    expect(_allowed(policy, parent, "kms:Decrypt", attested), "the attested parent decrypts")
+    expect(_explicitly_denied(policy, parent, "kms:Decrypt"), "the parent's unattested Decrypt")
+    for n in pcrs:
+        other = {**attested, f"kms:RecipientAttestation:PCR{n}": "f" * PCR_HEX_LEN}
+        expect(not _allowed(policy, parent, "kms:Decrypt", other), f"another PCR{n}")
+    debug = {**attested, **{f"kms:RecipientAttestation:PCR{n}": "0" * 96 for n in range(3)}}
+    expect(_explicitly_denied(policy, parent, "kms:Decrypt", debug), "a debug-mode enclave")
+    expect(_allowed(policy, parent, "kms:Encrypt"), "the parent encrypts answers")
+    everyone = (parent, *principals.admin_arns, *principals.user_arns)
+    for who in everyone:
+        for action in ("kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:CreateGrant"):
+            expect(_explicitly_denied(policy, who, action, attested), f"{who} {action}")
+    for action in ("kms:PutKeyPolicy", "kms:GenerateDataKey"):
+        expect(not _allowed(policy, parent, action, attested), f"the parent's {action}")
+    for user in principals.user_arns:
+        for action in ("kms:Encrypt", "kms:Decrypt"):
+            expect(_allowed(policy, user, action), f"a v1 user's {action}")
+        for action in ("kms:PutKeyPolicy", "kms:GenerateDataKey"):
+            expect(not _allowed(policy, user, action), f"a user's {action}")
+    for admin in principals.admin_arns:
+        expect(_allowed(policy, admin, "kms:PutKeyPolicy"), "an administrator manages the key")
+        for action in ("kms:Decrypt", "kms:Encrypt"):
+            expect(not _allowed(policy, admin, action, attested), f"admin's {action}")
+    account = principals.account_id
+    for who in (f"arn:aws:iam::{account}:root", f"arn:aws:iam::{account}:role/other"):
+        if who in principals.admin_arns:
+            continue
+        for action in ("kms:Decrypt", "kms:Encrypt", "kms:PutKeyPolicy"):
+            expect(not _allowed(policy, who, action, attested), f"{who} {action}")
+    if failures:
+        raise RenderError(
+            "the rendered compat policy breaks its promises (is the template edited?): "
+            + "; ".join(failures)
+        )
+
+
+# What each layout's rendered policy must keep; a layout not named keeps the strict promises.
+PROMISES = {"compat": check_compat_promises}
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 
@@ -397,6 +501,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="strict")
     parser.add_argument("--template", type=Path, help="another template file")
+    parser.add_argument(
+        "--purpose",
+        choices=PURPOSES,
+        default="data",
+        help="model: the model owner's key for sealed weights (--user-arn names the owner)",
+    )
     parser.add_argument("--out", type=Path, help="where to write the policy (default: stdout)")
     return parser.parse_args(argv)
 
@@ -413,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_principals(principals, args.layout)
         pcrs = load_measurements(args.measurements)
         template = load_template(args.layout, args.template)
-        policy = render(pcrs, principals, layout=args.layout, template=template)
+        policy = render(
+            pcrs, principals, layout=args.layout, template=template, purpose=args.purpose
+        )
     except RenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -300,7 +300,7 @@ def test_readyz_without_a_working_enclave_is_unavailable(make_client, enclave, k
 
 
 def test_unknown_path_is_json_404(client):
-    response = client.get("/metrics")
+    response = client.get("/v1/nothing-here")
     assert (response.status_code, error_code(response)) == (404, "not_found")
 
 

@@ -201,8 +201,8 @@ def test_bad_chat_input_gets_its_code_and_the_proxy_keeps_serving(proxy, enclave
         ("PUT", "/v1/chat", 405, "method_not_allowed"),
         ("DELETE", "/healthz", 405, "method_not_allowed"),
         ("POST", "/v1/attestation", 405, "method_not_allowed"),
-        ("GET", "/", 404, "not_found"),
-        ("GET", "/metrics", 404, "not_found"),
+        ("GET", "/", 405, "method_not_allowed"),  # POST / is protocol v1
+        ("GET", "/v1/metrics", 404, "not_found"),  # /metrics exists (parent_proxy/metrics.py)
         ("GET", "/v1/attestation?nonce=xyz", 400, "bad_request"),
         ("GET", "/v1/attestation?nonce=" + "00" * 65, 400, "bad_request"),
         ("GET", "/v1/attestation?nonce=abc", 400, "bad_request"),
