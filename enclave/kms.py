@@ -208,15 +208,7 @@ class AttestedKms:
                 raise AttestationRejected(pcr0, code) from exc
             raise NitroError(mapped, f"KMS answered {code}") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            event(
-                log,
-                "kms_unreachable",
-                logging.WARNING,
-                trace_id=trace_id,
-                error=type(exc).__name__,
-                endpoint=self._config.endpoint_url,
-            )
-            raise NitroError(ErrorCode.KMS_UNAVAILABLE, "KMS could not be reached") from exc
+            raise self._unreachable(exc, trace_id) from exc
         envelope = answer.get("CiphertextForRecipient")
         if not envelope or "Plaintext" in answer:
             raise NitroError(ErrorCode.KMS_ERROR, "KMS did not answer for the recipient")
@@ -243,17 +235,21 @@ class AttestedKms:
             event(log, "kms_encrypt_refused", logging.WARNING, trace_id=trace_id, kms_code=code)
             raise NitroError(ErrorCode.KMS_ERROR, f"KMS answered {code}") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            event(
-                log,
-                "kms_unreachable",
-                logging.WARNING,
-                trace_id=trace_id,
-                error=type(exc).__name__,
-                endpoint=self._config.endpoint_url,
-            )
-            raise NitroError(ErrorCode.KMS_UNAVAILABLE, "KMS could not be reached") from exc
+            raise self._unreachable(exc, trace_id) from exc
         blob = answer.get("CiphertextBlob")
         if not isinstance(blob, bytes) or not blob:
             raise NitroError(ErrorCode.KMS_ERROR, "KMS answered no ciphertext")
         event(log, "kms_encrypt", trace_id=trace_id, ms=timer.ms())
         return blob
+
+    def _unreachable(self, exc: Exception, trace_id: str) -> NitroError:
+        """Log a KMS call that never got an answer (the endpoint, never the request)."""
+        event(
+            log,
+            "kms_unreachable",
+            logging.WARNING,
+            trace_id=trace_id,
+            error=type(exc).__name__,
+            endpoint=self._config.endpoint_url,
+        )
+        return NitroError(ErrorCode.KMS_UNAVAILABLE, "KMS could not be reached")

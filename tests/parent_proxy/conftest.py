@@ -375,6 +375,26 @@ def start_proxy(
     raise RuntimeError("parent-proxy did not start in time")
 
 
+def start_local_proxy(
+    directory: Path, tls: TlsFiles, enclave: Address | str, extra: list[str] | None = None
+) -> ProxyProcess:
+    """start_proxy in local mode: the parent role's credentials from DIR/parent.json."""
+    parent_json = directory / "parent.json"
+    parent_json.write_text(json.dumps({"credentials": PARENT_CREDENTIALS}))
+    local = ["--credentials-file", str(parent_json), *(extra or [])]
+    return start_proxy(directory, tls, enclave, local)
+
+
+@pytest.fixture(scope="module")
+def stand_in() -> Iterator[StandInEnclave]:
+    """One stand-in enclave for a module's proxy process, its socket in a short /tmp path."""
+    directory = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
+    enclave = StandInEnclave(str(directory / "enclave.sock")).start()
+    yield enclave
+    enclave.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def _wait_until_serving(proxy: ProxyProcess, deadline: float) -> None:
     # The arbiter listens before its worker has booted; /healthz answers once one has.
     while time.monotonic() < deadline:
@@ -399,5 +419,6 @@ def kit() -> SimpleNamespace:
         StandInEnclave=StandInEnclave,
         sealed_body=sealed_body,
         start_proxy=start_proxy,
+        start_local_proxy=start_local_proxy,
         parent_credentials=PARENT_CREDENTIALS,
     )

@@ -8,12 +8,9 @@ an internal error. One server for the module, with a short body deadline for the
 import base64
 import json
 import select
-import shutil
 import socket
 import ssl
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,25 +44,13 @@ def _answer_by_kind(kit):
 
 
 @pytest.fixture(scope="module")
-def stand_in(kit):
-    directory = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
-    enclave = kit.StandInEnclave(str(directory / "enclave.sock")).start()
-    enclave.handler = _answer_by_kind(kit)
-    yield enclave
-    enclave.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def proxy(tmp_path_factory, tls_files, stand_in, kit):
-    directory = tmp_path_factory.mktemp("proxy-bad-input")
-    parent_json = directory / "parent.json"
-    parent_json.write_text(json.dumps({"credentials": kit.parent_credentials}))
-    running = kit.start_proxy(
-        directory,
+    stand_in.handler = _answer_by_kind(kit)
+    running = kit.start_local_proxy(
+        tmp_path_factory.mktemp("proxy-bad-input"),
         tls_files,
         stand_in.address,
-        ["--credentials-file", str(parent_json), "--read-timeout", str(READ_TIMEOUT_S),
+        ["--read-timeout", str(READ_TIMEOUT_S),
          "--relay-timeout", "3", "--max-body", str(MAX_BODY),
          "--attestation-burst", "1000"],  # attestation cases must not meet the rate limit
     )  # fmt: skip

@@ -8,10 +8,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -82,23 +80,9 @@ def module_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stand_in(kit):
-    directory = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
-    enclave = kit.StandInEnclave(str(directory / "enclave.sock")).start()
-    yield enclave
-    enclave.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def proxy(module_dir, tls_files, stand_in, kit):
-    parent_json = module_dir / "parent.json"
-    parent_json.write_text(json.dumps({"credentials": kit.parent_credentials}))
-    running = kit.start_proxy(
-        module_dir,
-        tls_files,
-        stand_in.address,
-        ["--credentials-file", str(parent_json), "--workers", "2", "--relay-timeout", "5"],
+    running = kit.start_local_proxy(
+        module_dir, tls_files, stand_in.address, ["--workers", "2", "--relay-timeout", "5"]
     )
     yield running
     running.stop()

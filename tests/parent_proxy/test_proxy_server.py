@@ -4,14 +4,11 @@ bad input never breaks it, answers stream through, slow bodies time out, SIGTERM
 import base64
 import json
 import select
-import shutil
 import signal
 import socket
 import ssl
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,15 +30,6 @@ def parent_json(module_dir, kit):
     path = module_dir / "parent.json"
     path.write_text(json.dumps({"credentials": kit.parent_credentials}))
     return path
-
-
-@pytest.fixture(scope="module")
-def stand_in(kit):
-    directory = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
-    enclave = kit.StandInEnclave(str(directory / "enclave.sock")).start()
-    yield enclave
-    enclave.stop()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

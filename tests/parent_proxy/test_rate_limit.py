@@ -3,10 +3,7 @@ Retry-After and `rate_limited`, the enclave never asked; other clients and chat 
 
 import http.client
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,26 +18,13 @@ ANSWER = {"v": 2, "request_id": "r", "seq": 0, "final": True, "nonce": "n", "cip
 
 
 @pytest.fixture(scope="module")
-def stand_in(kit):
-    directory = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
-    enclave = kit.StandInEnclave(str(directory / "enclave.sock")).start()
-    yield enclave
-    enclave.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def proxy(tmp_path_factory, tls_files, stand_in, kit):
-    directory = tmp_path_factory.mktemp("proxy-rl")
-    parent_json = directory / "parent.json"
-    parent_json.write_text(json.dumps({"credentials": kit.parent_credentials}))
-    running = kit.start_proxy(
-        directory,
+    running = kit.start_local_proxy(
+        tmp_path_factory.mktemp("proxy-rl"),
         tls_files,
         stand_in.address,
-        ["--credentials-file", str(parent_json),
-         "--attestation-burst", str(BURST), "--attestation-rate", str(RATE)],
-    )  # fmt: skip
+        ["--attestation-burst", str(BURST), "--attestation-rate", str(RATE)],
+    )
     yield running
     running.stop()
 
