@@ -332,17 +332,15 @@ def _for_model_key(policy: dict[str, Any]) -> dict[str, Any]:
 def check_model_promises(policy: Mapping[str, Any], principals: Principals) -> None:
     """A model key wraps data keys only for sealed models: never without purpose "model"."""
     model = {"kms:EncryptionContext:app": APP, "kms:EncryptionContext:purpose": "model"}
-    failures = []
+    check = _Checklist()
     for owner in principals.user_arns:
-        if not _allowed(policy, owner, "kms:GenerateDataKey", model):
-            failures.append("a model owner seals")
+        check.expect(_allowed(policy, owner, "kms:GenerateDataKey", model), "a model owner seals")
         for other in ({"kms:EncryptionContext:app": APP}, {**model, MODEL_CONTEXT_KEY: "data"}):
-            if _allowed(policy, owner, "kms:GenerateDataKey", other):
-                failures.append("a data key without purpose model")
-    if failures:
-        raise RenderError(
-            "the rendered model key policy breaks its promises: " + "; ".join(failures)
-        )
+            check.expect(
+                not _allowed(policy, owner, "kms:GenerateDataKey", other),
+                "a data key without purpose model",
+            )
+    check.close("model key policy")
 
 
 # ---- the policy's promises ----------------------------------------------------------------------
@@ -371,21 +369,53 @@ def _explicitly_denied(
     return _decide(policy, who, action, extra).reason.startswith("explicit deny")
 
 
+class _Checklist:
+    """What a rendered policy failed to keep; `close` raises them all as one RenderError."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+
+    def close(self, which: str) -> None:
+        if self.failures:
+            raise RenderError(
+                f"the rendered {which} breaks its promises (is the template edited?): "
+                + "; ".join(self.failures)
+            )
+
+
+def _attested(pcrs: Mapping[int, str]) -> dict[str, str]:
+    """The request context of a Decrypt carrying an attestation document with `pcrs`."""
+    return {f"kms:RecipientAttestation:PCR{n}": value for n, value in pcrs.items()}
+
+
+def _only_the_enclave_decrypts(
+    check: _Checklist, policy: Mapping[str, Any], pcrs: Mapping[int, str], parent: str
+) -> None:
+    """The parent decrypts with these PCRs, not with another value of any, not in debug mode."""
+    attested = _attested(pcrs)
+    check.expect(_allowed(policy, parent, "kms:Decrypt", attested), "the attested parent decrypts")
+    for n in pcrs:
+        other = {**attested, f"kms:RecipientAttestation:PCR{n}": "f" * PCR_HEX_LEN}
+        check.expect(not _allowed(policy, parent, "kms:Decrypt", other), f"another PCR{n}")
+    debug = {**attested, **{f"kms:RecipientAttestation:PCR{n}": "0" * 96 for n in range(3)}}
+    check.expect(_explicitly_denied(policy, parent, "kms:Decrypt", debug), "a debug-mode enclave")
+
+
 def check_promises(
     policy: Mapping[str, Any], pcrs: Mapping[int, str], principals: Principals
 ) -> None:
     """Evaluate `policy` as KMS would and refuse it unless it keeps what the README promises."""
-    attested = {f"kms:RecipientAttestation:PCR{n}": value for n, value in pcrs.items()}
+    attested = _attested(pcrs)
     attested["kms:RecipientAttestation:ImageSha384"] = pcrs[0]
     app = {"kms:EncryptionContext:app": APP}
-    failures: list[str] = []
-
-    def expect(ok: bool, what: str) -> None:
-        if not ok:
-            failures.append(what)
-
+    check = _Checklist()
+    expect = check.expect
     parent = principals.parent_role_arn
-    expect(_allowed(policy, parent, "kms:Decrypt", attested), "the attested parent decrypts")
+    _only_the_enclave_decrypts(check, policy, pcrs, parent)
     # Refused by an explicit deny, which no grant and no other statement can override.
     anyone = (
         parent,
@@ -396,11 +426,9 @@ def check_promises(
     for who in anyone:
         for action in ("kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:CreateGrant"):
             expect(_explicitly_denied(policy, who, action, app), f"{who} {action} unattested")
-    for n in pcrs:
+    for n in pcrs:  # strict: refused by an explicit deny, not just by no allow
         other = {**attested, f"kms:RecipientAttestation:PCR{n}": "f" * PCR_HEX_LEN}
-        expect(_explicitly_denied(policy, parent, "kms:Decrypt", other), f"another PCR{n}")
-    debug = {**attested, **{f"kms:RecipientAttestation:PCR{n}": "0" * 96 for n in range(3)}}
-    expect(_explicitly_denied(policy, parent, "kms:Decrypt", debug), "a debug-mode enclave")
+        expect(_explicitly_denied(policy, parent, "kms:Decrypt", other), f"another PCR{n} denied")
     for action in ("kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:CreateGrant", "kms:PutKeyPolicy"):
         expect(not _allowed(policy, parent, action, attested), f"the parent's {action}")
     for user in principals.user_arns:
@@ -418,11 +446,7 @@ def check_promises(
                 continue
             for action in ("kms:Decrypt", "kms:PutKeyPolicy", "kms:CreateGrant"):
                 expect(not _allowed(policy, who, action, {**attested, **app}), f"{who} {action}")
-    if failures:
-        raise RenderError(
-            "the rendered policy breaks its promises (is the template edited?): "
-            + "; ".join(failures)
-        )
+    check.close("policy")
 
 
 def check_compat_promises(
@@ -430,21 +454,12 @@ def check_compat_promises(
 ) -> None:
     """The compat (protocol v1) key's promises: only the attested enclave decrypts among
     non-users; users encrypt questions and decrypt answers; nobody re-encrypts or grants."""
-    attested = {f"kms:RecipientAttestation:PCR{n}": value for n, value in pcrs.items()}
-    failures: list[str] = []
-
-    def expect(ok: bool, what: str) -> None:
-        if not ok:
-            failures.append(what)
-
+    attested = _attested(pcrs)
+    check = _Checklist()
+    expect = check.expect
     parent = principals.parent_role_arn
-    expect(_allowed(policy, parent, "kms:Decrypt", attested), "the attested parent decrypts")
+    _only_the_enclave_decrypts(check, policy, pcrs, parent)
     expect(_explicitly_denied(policy, parent, "kms:Decrypt"), "the parent's unattested Decrypt")
-    for n in pcrs:
-        other = {**attested, f"kms:RecipientAttestation:PCR{n}": "f" * PCR_HEX_LEN}
-        expect(not _allowed(policy, parent, "kms:Decrypt", other), f"another PCR{n}")
-    debug = {**attested, **{f"kms:RecipientAttestation:PCR{n}": "0" * 96 for n in range(3)}}
-    expect(_explicitly_denied(policy, parent, "kms:Decrypt", debug), "a debug-mode enclave")
     expect(_allowed(policy, parent, "kms:Encrypt"), "the parent encrypts answers")
     everyone = (parent, *principals.admin_arns, *principals.user_arns)
     for who in everyone:
@@ -467,11 +482,7 @@ def check_compat_promises(
             continue
         for action in ("kms:Decrypt", "kms:Encrypt", "kms:PutKeyPolicy"):
             expect(not _allowed(policy, who, action, attested), f"{who} {action}")
-    if failures:
-        raise RenderError(
-            "the rendered compat policy breaks its promises (is the template edited?): "
-            + "; ".join(failures)
-        )
+    check.close("compat policy")
 
 
 # What each layout's rendered policy must keep; a layout not named keeps the strict promises.
