@@ -222,7 +222,7 @@ class SecureChatClient:
             response.release_conn()
         try:
             obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise AttestationError("response", "the proxy's answer is not JSON") from exc
         return document_from_json(obj)
 
@@ -535,7 +535,8 @@ def _http_error(response: Any, settings: ClientSettings, deadline: float) -> Cha
     try:
         body = b"".join(_raw_pieces(response, MAX_ERROR_BODY, deadline))
         obj = json.loads(body)
-    except (ChatError, UnicodeDecodeError, json.JSONDecodeError):
+    # RecursionError: deeply nested arrays, which a hostile parent's body can hold.
+    except (ChatError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         obj = None
     code, message = error_from_wire(obj)
     if obj is None or (code is ErrorCode.PROTOCOL_ERROR and not message):
@@ -589,7 +590,7 @@ def _lines(response: Any, settings: ClientSettings, deadline: float) -> Iterator
 def _json(data: bytes) -> Any:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ChatError(ErrorCode.ANSWER_INVALID, "answer is not JSON") from exc
 
 

@@ -993,7 +993,7 @@ def enclave_model(settings: Any, wait_s: float = READY_WAIT_S) -> str:
                 finally:
                     response.release_conn()
                 obj = json.loads(body) if response.status == 200 else None
-            except (urllib3.exceptions.HTTPError, OSError, ValueError):
+            except (urllib3.exceptions.HTTPError, OSError, ValueError, RecursionError):
                 obj = None
             model = obj.get("model") if isinstance(obj, dict) and obj.get("ready") else None
             if isinstance(model, str) and model:

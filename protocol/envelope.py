@@ -257,7 +257,8 @@ def open_request(keys: SessionKeys, request: SealedRequest) -> dict[str, Any]:
         raise NitroError(ErrorCode.DECRYPTION_FAILED, "request tag did not verify") from exc
     try:
         question = json.loads(unpad(padded))
-    except (NitroError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # RecursionError: deeply nested arrays fit easily in a padded bucket.
+    except (NitroError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise NitroError(ErrorCode.BAD_REQUEST, "sealed question is not a JSON object") from exc
     if not isinstance(question, dict):
         raise NitroError(ErrorCode.BAD_REQUEST, "sealed question is not a JSON object")

@@ -89,7 +89,8 @@ def recv_json(
     raw = recv_frame(sock, max_size, timeout)
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # RecursionError: deeply nested arrays fit easily in a frame from an untrusted peer.
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FrameError(ErrorCode.PROTOCOL_ERROR, "frame is not JSON") from exc
     if not isinstance(obj, dict):
         raise FrameError(ErrorCode.PROTOCOL_ERROR, "frame is not a JSON object")

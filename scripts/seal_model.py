@@ -7,7 +7,9 @@ AWS_DEFAULT_REGION) and endpoint (AWS_ENDPOINT_URL_KMS) from the environment. On
 `GenerateDataKey` with the encryption context {"app": "nitro-llm", "purpose": "model",
 "manifest": <manifest SHA-256>}; the plaintext data key stays in this process. SEALED_DIR holds
 manifest.json, key.json and files/*.sealed: no plaintext weight, tokenizer or config. Pin the
-printed manifest digest in the enclave's measured configuration (`model_manifest_sha256`).
+printed manifest digest and key ARN in the enclave's measured configuration
+(`model_manifest_sha256`, `model_key_id`: the enclave compares the ARN exactly, so an alias or a
+bare key id given to --key-id is not what it pins).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from protocol.sealed_model import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Manifest,
     WrapDataKey,
+    read_key_file,
     seal_directory,
 )
 
@@ -115,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = sum(entry.size for entry in manifest.files)
     summary = {
         "manifest_sha256": manifest.digest.hex(),
+        "key_id": read_key_file(args.out).key_id,  # the ARN KMS named, whatever --key-id said
         "files": len(manifest.files),
         "bytes": total,
         "out": str(args.out),

@@ -197,7 +197,12 @@ def test_http_error_keeps_the_server_words_aside(client, chat_server, kit):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"error": {"code": "made_up_code", "message": "x"}}', b"<html>bad gateway</html>", b""],
+    [
+        b'{"error": {"code": "made_up_code", "message": "x"}}',
+        b"<html>bad gateway</html>",
+        b"",
+        b"[" * 5000,  # nested deeper than json's recursion limit: RecursionError, not JSON's
+    ],
 )
 def test_http_error_without_a_known_code_is_a_protocol_error(client, chat_server, body):
     script = chat_server.state.script

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,6 +30,17 @@ def test_request_round_trips_through_json():
     parsed = envelope.parse_request(sealed.to_json())
     assert parsed == sealed
     assert envelope.open_request(keys, parsed) == {"prompt": "canary"}
+
+
+@pytest.mark.parametrize("plaintext", [b"[" * 5000 + b"]" * 5000, b"[1]", b"not json"])
+def test_an_authentic_question_that_is_not_a_json_object_is_bad_request(plaintext):
+    session, keys = _conversation()
+    header = envelope.Header(KEY_ID, session, envelope.b64url(os.urandom(16)), 1, False)
+    nonce = os.urandom(envelope.NONCE_SIZE)
+    ciphertext = AESGCM(keys.request).encrypt(nonce, envelope.pad(plaintext), header.aad("request"))
+    with pytest.raises(NitroError) as refused:
+        envelope.open_request(keys, envelope.SealedRequest(header, b"edk", nonce, ciphertext))
+    assert refused.value.code is ErrorCode.BAD_REQUEST
 
 
 def test_directions_use_different_keys():

@@ -92,7 +92,7 @@ def test_json_frames(pair):
     a, b = pair
     send_json(a, {"k": [1, 2]})
     assert recv_json(b) == {"k": [1, 2]}
-    for bad in (b"not json", b"[1,2]", b"\xff\xfe"):
+    for bad in (b"not json", b"[1,2]", b"\xff\xfe", b"[" * 5000):  # 5000: RecursionError
         send_frame(a, bad)
         with pytest.raises(FrameError) as err:
             recv_json(b)

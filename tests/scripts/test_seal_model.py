@@ -100,7 +100,7 @@ def test_seals_a_model_that_round_trips_and_holds_no_plaintext(
     # The owner (the emulator's default policy admits its account) unwraps the data key under
     # exactly the manifest's context, and the sealing opens byte for byte.
     key_file = sm.read_key_file(out)
-    assert key_file.key_id == kms.key_arn
+    assert key_file.key_id == kms.key_arn == summary["key_id"]  # what model_key_id must pin
     owner = stack.kms_client(kms.endpoint, kms.owner)
     data_key = owner.decrypt(
         CiphertextBlob=key_file.edk, EncryptionContext=manifest.encryption_context()
