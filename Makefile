@@ -43,10 +43,31 @@ integration: $(TINY_MODEL)/config.json
 demo: $(STAMP)
 	BIN=$(BIN) bash scripts/demo.sh
 
+# The malicious parent alone (tests/adversarial; part of `make test` too): a relay where the
+# proxy sits replays, reorders, swaps, forges and lies; each case must fail with its exact code.
+.PHONY: adversarial
+adversarial: $(TINY_MODEL)/config.json
+	NITRO_TINY_MODEL=$(abspath $(TINY_MODEL)) $(BIN)/pytest -q -ra tests/adversarial
+
 # Speed, memory and agreement of the engines and the whole local stack (about 15 minutes; the
 # bloom-560m-shaped model is built once into .bench-cache/). BENCH_ARGS: e.g. --quick, --only.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# N concurrent clients for T seconds through the whole local stack on the tiny model: cross-talk,
+# errors by code, latency, tokens/s, memory; writes load-results.json, exits 1 on a missed target.
+# LOAD_ARGS: e.g. --clients 32 --duration 120.
+.PHONY: load
+load: $(TINY_MODEL)/config.json
+	$(BIN)/python scripts/load.py --model-dir $(TINY_MODEL) $(LOAD_ARGS)
+
+# The enclave image built for real and asked one question (scripts/image_test.sh: installs docker.io
+# and debootstrap as root if missing, starts dockerd if none runs; about 25 minutes on a fresh
+# machine, 8-10 warm). Prints image sizes, build times, the enclave memory
+# by the 4x rule and whether two builds match (docs/reproducibility.md).
+.PHONY: image-test
+image-test: $(TINY_MODEL)/config.json
+	NITRO_TINY_MODEL=$(abspath $(TINY_MODEL)) PY=$(abspath $(BIN)/python) bash scripts/image_test.sh
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .ruff_cache
