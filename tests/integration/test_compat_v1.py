@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import ssl
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -30,20 +25,13 @@ from botocore.exceptions import ClientError
 from emulator import stack
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
-ENV = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-
-
-def run(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=timeout, env=ENV
-    )
 
 
 @dataclass
 class Compat:
     paths: stack.StatePaths
     profile: dict[str, Any]
+    logs: Any  # StackLogs (tests/integration/conftest.py)
 
     def kms(self) -> Any:
         user = self.profile["user"]
@@ -69,13 +57,6 @@ class Compat:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
-
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.paths.logs.glob("*.log"))
-
-    def count(self, needle: str) -> int:
-        text = self.paths.log("kms").read_text()
-        return sum(1 for line in text.splitlines() if line.startswith("{") and needle in line)
 
 
 # The sample sends the instance role's keys in the body; these stand in for them, and must never
@@ -106,34 +87,25 @@ def sample_client_ask(compat: Compat, question: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def compat(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Compat]:
-    root = tmp_path_factory.mktemp("compat") / "state"
-    try:
-        up = run(
-            "nitro-local", "up", "--compat", "--state-dir", str(root),
-            "--model-dir", str(tiny_model_dir),
-        )  # fmt: skip
-        assert up.returncode == 0, up.stderr[-3000:]
-        paths = stack.StatePaths(root)
-        yield Compat(paths, stack.read_profile(paths))
-    finally:
-        run("nitro-local", "down", "--state-dir", str(root))
+def compat(local_stack: Any) -> Compat:
+    started = local_stack("compat", "--compat")
+    return Compat(started.paths, started.profile(), started.logs)
 
 
 def test_the_samples_client_gets_an_answer_it_opens_itself(compat: Compat) -> None:
     question = "How do I enroll in the retirement plan?"
-    decrypts = compat.count('"operation":"Decrypt"')
+    decrypts = compat.logs.kms_calls("Decrypt")
     answer = sample_client_ask(compat, question)
     assert isinstance(answer, str) and answer.strip()
     # The enclave's Decrypt carried its attestation; the client's own Decrypt did not.
-    assert compat.count('"operation":"Decrypt"') == decrypts + 2
+    assert compat.logs.kms_calls("Decrypt") == decrypts + 2
     attested = [
-        json.loads(line)
-        for line in compat.paths.log("kms").read_text().splitlines()
-        if '"operation":"Decrypt"' in line and '"attested":true' in line
+        record
+        for record in compat.logs.records("kms")
+        if record.get("operation") == "Decrypt" and record.get("attested") is True
     ]
     assert attested and attested[-1]["key_id"] in compat.profile["compat_key_id"]
-    logs = compat.logs()
+    logs = compat.logs.text()
     for secret in (*SAMPLE_CREDENTIALS.values(), question):
         assert secret not in logs
     if len(answer.strip()) >= 12:  # a short answer ("Yes.") could occur in a log by chance

@@ -7,7 +7,6 @@ it wraps a data key with KMS, seals a question and talks frames to the enclave's
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import struct
@@ -24,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from emulator import stack
 from protocol import envelope
 from protocol.errors import ErrorCode, error_from_wire
-from protocol.framing import recv_json, send_json
-from protocol.messages import Credentials, Kind, Question, RequestFrame, Status, parse_body_frame
+from protocol.framing import recv_json
+from protocol.messages import Credentials, Kind, Question, RequestFrame, Status
 from protocol.transport import Address
 
 pytestmark = pytest.mark.integration
@@ -41,42 +40,16 @@ class Core:
     admin_kms: Any
     parent: Credentials
     address: Address
+    # The shared helpers (tests/integration/conftest.py): StackLogs, Sealing, EnclaveSocket.
+    logs: Any
+    sealing: Any
+    enclave_socket: Any
     # Everything that must never reach a log: prompts, answers and data keys as text.
     secrets: list[str] = field(default_factory=list)
 
-    def kms_log_lines(self, operation: str) -> int:
-        count = 0
-        for line in self.paths.log("kms").read_text().splitlines():
-            if line.startswith("{") and json.loads(line).get("operation") == operation:
-                count += 1
-        return count
-
-
-@dataclass
-class Session:
-    """One conversation: a data key wrapped for this app and session, as the client holds it."""
-
-    id: str
-    keys: envelope.SessionKeys
-    edk: bytes
-
 
 def _exchange(core: Core, frame: dict[str, Any]) -> tuple[Status, list[dict[str, Any]]]:
-    with core.address.connect(timeout=60) as sock:
-        send_json(sock, frame)
-        return _read_reply(sock)
-
-
-def _read_reply(sock: socket.socket) -> tuple[Status, list[dict[str, Any]]]:
-    status = Status.from_json(recv_json(sock, timeout=60))
-    if status.status != 200:
-        return status, []
-    bodies = []
-    while True:
-        final, data = parse_body_frame(recv_json(sock, timeout=60))
-        bodies.append(data)
-        if final:
-            return status, bodies
+    return core.enclave_socket.exchange(core.address, frame, timeout=60)
 
 
 def _raw_reply(core: Core, payload: bytes, *, half_close: bool = True) -> Status:
@@ -88,21 +61,16 @@ def _raw_reply(core: Core, payload: bytes, *, half_close: bool = True) -> Status
         return Status.from_json(recv_json(sock, timeout=30))
 
 
-def new_session(core: Core) -> Session:
-    session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
-    answer = core.user_kms.generate_data_key(
-        KeyId=core.key_arn,
-        KeySpec="AES_256",
-        EncryptionContext={"app": envelope.APP, "session": session},
-    )
-    data_key = answer["Plaintext"]
-    core.secrets += [base64.b64encode(data_key).decode(), data_key.hex()]
-    return Session(session, envelope.derive_keys(data_key, session), answer["CiphertextBlob"])
+def new_session(core: Core) -> Any:
+    """One conversation: a data key wrapped for this app and session, as the client holds it."""
+    key = core.sealing.data_key(core.user_kms, core.key_arn)
+    core.secrets += [base64.b64encode(key.plaintext).decode(), key.plaintext.hex()]
+    return key
 
 
 def seal(
     core: Core,
-    session: Session,
+    session: Any,
     prompt: str,
     *,
     stream: bool = False,
@@ -110,17 +78,8 @@ def seal(
     min_new_tokens: int = 0,
 ) -> envelope.SealedRequest:
     core.secrets.append(prompt)
-    header = envelope.Header(
-        key_id=core.key_arn,
-        session=session.id,
-        request_id=envelope.b64url(os.urandom(envelope.REQUEST_ID_BYTES)),
-        sent_at=int(time.time() * 1000),
-        stream=stream,
-    )
-    question = Question(
-        prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens
-    ).to_json()
-    return envelope.seal_request(session.keys, header, session.edk, question)
+    question = Question(prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+    return core.sealing.seal(session, core.key_arn, question, stream=stream)
 
 
 def chat_frame(core: Core, body: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +88,7 @@ def chat_frame(core: Core, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_all(
-    core: Core, session: Session, request: envelope.SealedRequest, bodies: list[dict[str, Any]]
+    core: Core, session: Any, request: envelope.SealedRequest, bodies: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     contents = []
     for seq, body in enumerate(bodies):
@@ -142,7 +101,7 @@ def open_all(
     return contents
 
 
-def ask(core: Core, session: Session, prompt: str, **kw: Any) -> list[dict[str, Any]]:
+def ask(core: Core, session: Any, prompt: str, **kw: Any) -> list[dict[str, Any]]:
     request = seal(core, session, prompt, **kw)
     status, bodies = _exchange(core, chat_frame(core, request.to_json()))
     assert status.status == 200, status.error
@@ -156,48 +115,34 @@ def refused(status: Status) -> ErrorCode:
     return code
 
 
-def _wait_ready(core: Core) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    frame = RequestFrame(Kind.READY, "ready-probe").to_json()
-    while time.monotonic() < deadline:
-        try:
-            _status, bodies = _exchange(core, frame)
-            if bodies and bodies[0]["ready"]:
-                return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.3)
-    raise AssertionError("enclave not ready:\n" + "\n".join(stack.tail(core.paths.log("enclave"))))
-
-
 @pytest.fixture(scope="module")
-def core(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Core]:
+def core(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    stack_logs: Any,
+    sealing: Any,
+    enclave_socket: Any,
+    start_backend: Any,
+) -> Iterator[Core]:
     paths = stack.StatePaths(tmp_path_factory.mktemp("core"))
     paths.prepare()
     try:
-        stack.ensure_ca(paths)
-        principals = stack.ensure_principals(paths)
-        _proc, endpoint = stack.start_kms(paths)
-        admin = stack.kms_client(endpoint, principals.admin)
-        key_arn = stack.create_or_load_key(paths, admin)
-        stack.write_enclave_config(
-            paths, key_arn=key_arn, model_dir=tiny_model_dir, kms_endpoint=endpoint
-        )
-        pcrs = stack.measure_pcrs(paths, tiny_model_dir)
-        stack.apply_local_policy(admin, key_arn, pcrs)
-        stack.start_nsm(paths, tiny_model_dir)
+        backend = start_backend(paths, tiny_model_dir)
         stack.start_enclave(paths)
-        parent = principals.parent
+        parent = backend.principals.parent
         running = Core(
             paths=paths,
-            key_arn=key_arn,
-            pcrs=pcrs,
-            user_kms=stack.kms_client(endpoint, principals.user),
-            admin_kms=admin,
+            key_arn=backend.key_arn,
+            pcrs=backend.pcrs,
+            user_kms=stack.kms_client(backend.kms_endpoint, backend.principals.user),
+            admin_kms=backend.admin_kms,
             parent=Credentials(parent.access_key_id, parent.secret_access_key),
             address=Address.parse(f"unix://{paths.enclave_socket}"),
+            logs=stack_logs(paths),
+            sealing=sealing,
+            enclave_socket=enclave_socket,
         )
-        _wait_ready(running)
+        enclave_socket.wait_ready(running.address, paths.log("enclave"), READY_TIMEOUT_S)
         yield running
     finally:
         stack.stop_all(paths)
@@ -208,9 +153,9 @@ def core(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iter
 
 def test_sealed_question_gets_a_sealed_answer_and_a_second_needs_no_kms_call(core: Core) -> None:
     session = new_session(core)
-    decrypts_before = core.kms_log_lines("Decrypt")
+    decrypts_before = core.logs.kms_calls("Decrypt")
     first = ask(core, session, "What is a 401(k) plan?")
-    assert core.kms_log_lines("Decrypt") == decrypts_before + 1
+    assert core.logs.kms_calls("Decrypt") == decrypts_before + 1
     [answer] = first
     assert answer["text"].strip(), "the model answered nothing"
     assert answer["finish_reason"] in ("stop", "length")
@@ -218,7 +163,7 @@ def test_sealed_question_gets_a_sealed_answer_and_a_second_needs_no_kms_call(cor
 
     second = ask(core, session, "Who can open a Roth IRA?")
     assert second[0]["text"].strip()
-    assert core.kms_log_lines("Decrypt") == decrypts_before + 1, "the cached key was not used"
+    assert core.logs.kms_calls("Decrypt") == decrypts_before + 1, "the cached key was not used"
 
 
 def test_a_streamed_answer_arrives_in_sealed_chunks_in_order(core: Core) -> None:

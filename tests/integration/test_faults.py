@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import signal
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,12 +27,10 @@ from chatbot.client import ChatError
 from emulator import stack
 from protocol import envelope
 from protocol.errors import error_from_wire
-from protocol.framing import recv_json, send_json
-from protocol.messages import Kind, Question, RequestFrame, Status, parse_body_frame
+from protocol.messages import Kind, Question, RequestFrame
 from protocol.transport import Address
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
 QUESTION = "How do I enroll in the retirement plan?"
 LONG = 512  # tokens: the longest answer the wire allows, forced with min_new_tokens
 WAIT_S = 120.0  # bound on every wait below (the machine may be shared and slow)
@@ -47,6 +43,10 @@ class Local:
     kms_endpoint: str
     key_arn: str
     user_kms: Any
+    # The shared helpers (tests/integration/conftest.py): StackLogs, Sealing, EnclaveSocket.
+    logs: Any
+    sealing: Any
+    enclave_socket: Any
 
     @property
     def ca(self) -> str:
@@ -57,30 +57,12 @@ class Local:
         found: list[dict[str, Any]] = []
 
         def logged() -> bool:
-            found[:] = [r for r in self.log_events(component, event) if r["trace_id"] == trace_id]
+            found[:] = [r for r in self.logs.events(component, event) if r["trace_id"] == trace_id]
             return bool(found)
 
         wait_for(f"{component}'s {event} line", logged)
         assert len(found) == 1, found
         return found[0]
-
-    def log_events(self, component: str, event: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.paths.log(component).read_text().splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == event:
-                    found.append(record)
-        return found
-
-
-@dataclass
-class DataKey:
-    """One conversation's data key, as the client holds it."""
-
-    session: str
-    keys: envelope.SessionKeys
-    edk: bytes
 
 
 @dataclass
@@ -95,7 +77,13 @@ class Reply:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Local]:
+def local(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    stack_logs: Any,
+    sealing: Any,
+    enclave_socket: Any,
+) -> Iterator[Local]:
     paths = stack.StatePaths(tmp_path_factory.mktemp("faults") / "state")
     try:
         endpoints = stack.bring_up(paths, model_dir=tiny_model_dir)
@@ -106,35 +94,24 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             endpoints.kms_endpoint,
             endpoints.key_arn,
             stack.kms_client(endpoints.kms_endpoint, principals.user),
+            stack_logs(paths),
+            sealing,
+            enclave_socket,
         )
     finally:
         stack.stop_all(paths)
 
 
-def new_data_key(local: Local) -> DataKey:
-    session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
-    answer = local.user_kms.generate_data_key(
-        KeyId=local.key_arn,
-        KeySpec="AES_256",
-        EncryptionContext={"app": envelope.APP, "session": session},
-    )
-    return DataKey(
-        session, envelope.derive_keys(answer["Plaintext"], session), answer["CiphertextBlob"]
-    )
+def new_data_key(local: Local) -> Any:
+    """One conversation's data key, as the client holds it."""
+    return local.sealing.data_key(local.user_kms, local.key_arn)
 
 
 def seal(
-    local: Local, key: DataKey, prompt: str, *, stream: bool = False, tokens: int = 8
+    local: Local, key: Any, prompt: str, *, stream: bool = False, tokens: int = 8
 ) -> envelope.SealedRequest:
-    header = envelope.Header(
-        key_id=local.key_arn,
-        session=key.session,
-        request_id=envelope.b64url(os.urandom(envelope.REQUEST_ID_BYTES)),
-        sent_at=int(time.time() * 1000),
-        stream=stream,
-    )
-    question = Question(prompt, max_new_tokens=tokens, min_new_tokens=tokens).to_json()
-    return envelope.seal_request(key.keys, header, key.edk, question)
+    question = Question(prompt, max_new_tokens=tokens, min_new_tokens=tokens)
+    return local.sealing.seal(key, local.key_arn, question, stream=stream)
 
 
 @contextlib.contextmanager
@@ -156,7 +133,7 @@ def ask(url: str, ca: str, sealed: envelope.SealedRequest) -> Reply:
         return Reply(response.status, response.headers["X-Request-Id"], json.loads(response.read()))
 
 
-def opened_text(canary: Any, key: DataKey, sealed: envelope.SealedRequest, body: Any) -> str:
+def opened_text(canary: Any, key: Any, sealed: envelope.SealedRequest, body: Any) -> str:
     final, content = envelope.open_answer(key.keys, sealed, body, 0)
     assert final and "error" not in content, content
     canary.answer(content["text"])
@@ -166,10 +143,10 @@ def opened_text(canary: Any, key: DataKey, sealed: envelope.SealedRequest, body:
 def enclave_metric(local: Local, name: str, labels: dict[str, str] | None = None) -> float:
     """One sample of the enclave's own metrics, asked over its socket as the proxy asks."""
     address = Address.parse(f"unix://{local.paths.enclave_socket}")
-    with address.connect(timeout=10) as sock:
-        send_json(sock, RequestFrame(Kind.METRICS, "faults-probe").to_json())
-        assert Status.from_json(recv_json(sock, timeout=30)).status == 200
-        _final, data = parse_body_frame(recv_json(sock, timeout=30))
+    frame = RequestFrame(Kind.METRICS, "faults-probe").to_json()
+    status, bodies = local.enclave_socket.exchange(address, frame, timeout=30)
+    assert status.status == 200
+    data = bodies[-1]
     for family in text_string_to_metric_families(data["text"]):
         for sample in family.samples:
             if sample.name == name and (labels or {}).items() <= sample.labels.items():
@@ -185,27 +162,11 @@ def wait_for(what: str, done: Any, timeout: float = WAIT_S) -> None:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # our own child: reap it, or it lingers as a zombie
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Signal a component's process group (started in its own session) and wait until it died."""
-    os.killpg(pid, sig)
-    wait_for(f"end of pid {pid}", lambda: not _alive(pid), 30)
-
-
 # ---- the enclave dies ---------------------------------------------------------------------------
 
 
 def test_enclave_killed_mid_answer_is_enclave_unavailable_and_recovers(
-    local: Local, canary: Any
+    local: Local, canary: Any, processes: Any
 ) -> None:
     key = new_data_key(local)
     warm = seal(local, key, f"{QUESTION} {canary.new()}")
@@ -220,7 +181,7 @@ def test_enclave_killed_mid_answer_is_enclave_unavailable_and_recovers(
     try:
         active = {"state": "active"}
         wait_for("answer in progress", lambda: enclave_metric(local, "enclave_queue_depth", active))
-        kill(stack.component_pid(local.paths, "enclave"))
+        processes.kill(stack.component_pid(local.paths, "enclave"))
         asking.join(WAIT_S)
         # While it is down: the same answer, at once.
         down = ask(local.proxy_url, local.ca, seal(local, key, f"{QUESTION} {canary.new()}"))
@@ -245,11 +206,11 @@ def test_enclave_killed_mid_answer_is_enclave_unavailable_and_recovers(
 
 
 def test_kms_down_is_kms_unavailable_naming_the_vsock_proxy_and_recovers(
-    local: Local, canary: Any
+    local: Local, canary: Any, processes: Any
 ) -> None:
     key = new_data_key(local)  # made while KMS is up; the enclave has never seen it
     port = int(local.kms_endpoint.rsplit(":", 1)[1])
-    kill(stack.component_pid(local.paths, "kms"), signal.SIGTERM)
+    processes.kill(stack.component_pid(local.paths, "kms"), signal.SIGTERM)
     try:
         failed = ask(local.proxy_url, local.ca, seal(local, key, f"{QUESTION} {canary.new()}"))
         assert (failed.status, failed.code) == (502, "kms_unavailable")
@@ -273,12 +234,12 @@ def test_kms_down_is_kms_unavailable_naming_the_vsock_proxy_and_recovers(
 
 
 @pytest.fixture
-def impatient_proxy(local: Local) -> Iterator[str]:
+def impatient_proxy(local: Local, cli: Any, processes: Any) -> Iterator[str]:
     """A second proxy on the same enclave whose relay timeout (1 s) is shorter than a long answer:
     a configuration an operator can set, not a mock."""
     port = stack.free_port()
     argv = [
-        str(BIN / "parent-proxy"),
+        cli.path("parent-proxy"),
         "--bind",
         f"127.0.0.1:{port}",
         "--enclave",
@@ -300,7 +261,7 @@ def impatient_proxy(local: Local) -> Iterator[str]:
         stack.wait_ready(local.paths, url, [proc], timeout=WAIT_S)
         yield url
     finally:
-        kill(proc.pid, signal.SIGTERM)
+        processes.kill(proc.pid, signal.SIGTERM)
 
 
 def test_an_answer_slower_than_the_relay_timeout_is_enclave_timeout(

@@ -7,14 +7,10 @@ enclave against `nitro-local measure --json`, and serves HTTP on loopback with a
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import socket
-import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,32 +25,7 @@ import pytest
 from emulator import stack
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
 QUESTION = "How do I enroll in the retirement plan?"
-ENV = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-
-
-def run(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=timeout, env=ENV
-    )
-
-
-@dataclass
-class Local:
-    root: Path
-    paths: stack.StatePaths
-    pcrs: dict[str, str]
-
-    def count(self, log: str, needle: str) -> int:
-        lines = self.paths.log(log).read_text().splitlines()
-        return sum(1 for line in lines if line.startswith("{") and needle in line)
-
-    def chats(self) -> int:
-        return self.count("proxy", '"path":"/v1/chat"')
-
-    def data_keys(self) -> int:
-        return self.count("kms", '"operation":"GenerateDataKey"')
 
 
 @dataclass
@@ -74,21 +45,24 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Local]:
-    root = tmp_path_factory.mktemp("gateway") / "state"
-    try:
-        up = run("nitro-local", "up", "--state-dir", str(root), "--model-dir", str(tiny_model_dir))
-        assert up.returncode == 0, up.stderr[-3000:]
-        measured = run("nitro-local", "measure", "--state-dir", str(root), "--json")
-        assert measured.returncode == 0, measured.stderr[-3000:]
-        pcrs = json.loads(measured.stdout)
-        assert {"PCR0", "PCR1", "PCR2"} <= set(pcrs)
-        yield Local(root, stack.StatePaths(root), pcrs)
-    finally:
-        run("nitro-local", "down", "--state-dir", str(root))
+def local(local_stack: Any) -> Any:
+    return local_stack("gateway")
 
 
-def start_gateway(local: Local, workdir: Path, pcrs: dict[str, str], *extra: str) -> Gateway:
+@pytest.fixture(scope="module")
+def pcrs(local: Any) -> dict[str, str]:
+    return local.measure()  # PCR0, PCR1 and PCR2 at least
+
+
+def chats(local: Any) -> int:
+    return local.logs.proxy_requests("/v1/chat")
+
+
+def data_keys(local: Any) -> int:
+    return local.logs.kms_calls("GenerateDataKey")
+
+
+def start_gateway(local: Any, workdir: Path, pcrs: dict[str, str], *extra: str) -> Gateway:
     """`chatbot --local --state-dir ROOT serve --expected-pcrs FILE ...`, its output in a file
     outside the state directory; returns once it listens or has exited."""
     pcr_file = workdir / "pcrs.json"
@@ -101,7 +75,7 @@ def start_gateway(local: Local, workdir: Path, pcrs: dict[str, str], *extra: str
     with open(output, "wb") as out:
         process = subprocess.Popen(
             [
-                str(BIN / "chatbot"),
+                local.cli.path("chatbot"),
                 "--local",
                 "--state-dir",
                 str(local.root),
@@ -116,7 +90,7 @@ def start_gateway(local: Local, workdir: Path, pcrs: dict[str, str], *extra: str
             ],
             stdout=out,
             stderr=out,
-            env=ENV,
+            env=local.cli.env,
         )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -133,8 +107,10 @@ def stop(gateway: Gateway) -> int:
 
 
 @pytest.fixture(scope="module")
-def gateway(local: Local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    served = start_gateway(local, tmp_path_factory.mktemp("serve"), local.pcrs)
+def gateway(
+    local: Any, pcrs: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    served = start_gateway(local, tmp_path_factory.mktemp("serve"), pcrs)
     try:
         text = served.output.read_text()
         assert served.process.poll() is None and "listening on" in text, text[-3000:]
@@ -154,15 +130,17 @@ def ask(client: openai.OpenAI, question: str = QUESTION, **extra: object) -> obj
 # ---- serving -----------------------------------------------------------------------------------
 
 
-def test_startup_names_what_was_verified(gateway: Gateway, local: Local) -> None:
+def test_startup_names_what_was_verified(
+    gateway: Gateway, local: Any, pcrs: dict[str, str]
+) -> None:
     text = gateway.output.read_text()
     assert "enclave verified: PCR0, PCR1, PCR2 as expected" in text
-    assert f"PCR0 {local.pcrs['PCR0'][:16]}" in text
+    assert f"PCR0 {pcrs['PCR0'][:16]}" in text
     assert f"listening on {gateway.url} (model " in text and "API key required" in text
 
 
-def test_chat_completion_is_sealed_through_the_proxy(gateway: Gateway, local: Local) -> None:
-    chats, keys = local.chats(), local.data_keys()
+def test_chat_completion_is_sealed_through_the_proxy(gateway: Gateway, local: Any) -> None:
+    chats_before, keys = chats(local), data_keys(local)
     reply = ask(gateway.client())
     [choice] = reply.choices
     assert reply.object == "chat.completion"
@@ -171,7 +149,7 @@ def test_chat_completion_is_sealed_through_the_proxy(gateway: Gateway, local: Lo
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     # One sealed v2 request through the proxy, on one fresh data key.
-    assert local.chats() == chats + 1 and local.data_keys() == keys + 1
+    assert chats(local) == chats_before + 1 and data_keys(local) == keys + 1
 
 
 def test_a_streamed_chat_completion_reassembles_to_the_unstreamed_one(gateway: Gateway) -> None:
@@ -216,21 +194,22 @@ def test_a_completion(gateway: Gateway) -> None:
     assert chat == text.lstrip()
 
 
-def test_the_model_list_carries_the_verified_pcr0(gateway: Gateway, local: Local) -> None:
+def test_the_model_list_carries_the_verified_pcr0(
+    gateway: Gateway, local: Any, pcrs: dict[str, str]
+) -> None:
     [model] = gateway.client().models.list().data
     assert model.object == "model" and model.owned_by == "nitro-llm"
     metadata = model.to_dict()["metadata"]
-    assert metadata["pcr0"] == local.pcrs["PCR0"].lower()
-    assert metadata["pcrs"] == {name: value.lower() for name, value in local.pcrs.items()}
+    assert metadata["pcr0"] == pcrs["PCR0"].lower()
+    assert metadata["pcrs"] == {name: value.lower() for name, value in pcrs.items()}
     # The id is the model the enclave reports on the proxy's /readyz.
-    profile = json.loads(local.paths.profile.read_text())
-    context = ssl.create_default_context(cafile=profile["ca_bundle"])
-    with urllib.request.urlopen(profile["proxy_url"] + "/readyz", context=context) as ready:  # noqa: S310
-        assert model.id == json.loads(ready.read())["model"]
+    status, ready = local.get("/readyz")
+    assert status == 200
+    assert model.id == ready["model"]
 
 
-def test_an_invalid_parameter_raises_bad_request(gateway: Gateway, local: Local) -> None:
-    chats = local.chats()
+def test_an_invalid_parameter_raises_bad_request(gateway: Gateway, local: Any) -> None:
+    chats_before = chats(local)
     with pytest.raises(openai.BadRequestError) as caught:
         ask(gateway.client(), n=2)
     assert caught.value.status_code == 400
@@ -238,7 +217,7 @@ def test_an_invalid_parameter_raises_bad_request(gateway: Gateway, local: Local)
     with pytest.raises(openai.BadRequestError) as caught:
         ask(gateway.client(), max_tokens=4096)
     assert caught.value.param == "max_tokens"
-    assert local.chats() == chats  # refused before anything left this machine
+    assert chats(local) == chats_before  # refused before anything left this machine
 
 
 def test_a_missing_or_wrong_api_key_raises_authentication_error(gateway: Gateway) -> None:
@@ -261,10 +240,12 @@ def test_a_missing_or_wrong_api_key_raises_authentication_error(gateway: Gateway
 # ---- refusing to start ---------------------------------------------------------------------------
 
 
-def test_a_tampered_enclave_makes_the_gateway_refuse_to_start(local: Local, tmp_path: Path) -> None:
-    changed = dict(local.pcrs)
+def test_a_tampered_enclave_makes_the_gateway_refuse_to_start(
+    local: Any, pcrs: dict[str, str], tmp_path: Path
+) -> None:
+    changed = dict(pcrs)
     changed["PCR0"] = ("0" if changed["PCR0"][0] != "0" else "1") + changed["PCR0"][1:]
-    chats, keys = local.chats(), local.data_keys()
+    chats_before, keys = chats(local), data_keys(local)
     refused = start_gateway(local, tmp_path, changed)
     try:
         code = refused.process.wait(timeout=60)
@@ -275,15 +256,15 @@ def test_a_tampered_enclave_makes_the_gateway_refuse_to_start(local: Local, tmp_
     assert "listening on" not in text
     lines = text.splitlines()
     assert lines[0].startswith("error: attestation_invalid: ")
-    assert lines[1].startswith(f"failed check: pcr0: PCR0 is {local.pcrs['PCR0'].lower()}")
+    assert lines[1].startswith(f"failed check: pcr0: PCR0 is {pcrs['PCR0'].lower()}")
     port = int(refused.url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
-    assert local.chats() == chats and local.data_keys() == keys  # nothing was asked
+    assert chats(local) == chats_before and data_keys(local) == keys  # nothing was asked
 
 
-def test_a_public_address_without_an_api_key_is_refused(local: Local) -> None:
-    refused = run(
+def test_a_public_address_without_an_api_key_is_refused(local: Any) -> None:
+    refused = local.cli.run(
         "chatbot", "--local", "--state-dir", str(local.root), "serve", "--listen", "0.0.0.0:0"
     )
     assert refused.returncode == 2
@@ -294,7 +275,7 @@ def test_a_public_address_without_an_api_key_is_refused(local: Local) -> None:
 
 
 def test_no_canary_in_the_gateways_output_or_the_state_dir(
-    gateway: Gateway, local: Local, canary: Any
+    gateway: Gateway, local: Any, canary: Any
 ) -> None:
     word = canary.new()  # the end-of-run canary sweep looks for it too (tests/conftest.py)
     question = f"{QUESTION} {word}"
@@ -315,11 +296,7 @@ def test_no_canary_in_the_gateways_output_or_the_state_dir(
         time.sleep(0.1)
     output = gateway.output.read_bytes()
     assert output.count(b'"path":"/v1/chat/completions"') >= 2, "the gateway logged no request"
-    places = {"gateway output": output}
-    for path in local.paths.root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            with contextlib.suppress(OSError):
-                places[str(path.relative_to(local.paths.root))] = path.read_bytes()
+    places = {"gateway output": output, **local.state_files()}
     assert "logs/proxy.log" in places and "logs/enclave.log" in places
     canary.answer(answer)
     canary.answer(completion.text)

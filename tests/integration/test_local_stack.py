@@ -9,18 +9,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,59 +28,25 @@ from emulator import stack
 from protocol.errors import ErrorCode
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
 QUESTION = "How do I enroll in the retirement plan?"
 
 
-def run(*argv: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
-    return subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-@dataclass
-class Stack:
-    root: Path
-    paths: stack.StatePaths
-    pids: dict[str, int]
-    up_output: str
-
-    def kms_calls(self, operation: str) -> int:
-        lines = self.paths.log("kms").read_text().splitlines()
-        return sum(
-            1 for line in lines if line.startswith("{") and f'"operation":"{operation}"' in line
-        )
-
-
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("stack") / "state"
-    paths = stack.StatePaths(root)
-    try:
-        started = time.monotonic()
-        up = run("nitro-local", "up", "--state-dir", str(root), "--model-dir", str(tiny_model_dir))
-        assert up.returncode == 0, up.stderr[-3000:]
-        print(f"nitro-local up: {time.monotonic() - started:.1f} s")
-        pids = {name: pid for name, pid in stack.status(paths).items() if pid is not None}
-        assert set(pids) == set(stack.COMPONENTS)
-        yield Stack(root, paths, pids, up.stdout + up.stderr)
-    finally:
-        run("nitro-local", "down", "--state-dir", str(root))
+def local(local_stack: Any) -> Any:
+    """The stack every test here shares (the last one downs it)."""
+    started = local_stack("stack")
+    print(f"nitro-local up: {started.up_seconds:.1f} s")
+    assert set(started.pids) == set(stack.COMPONENTS)
+    return started
 
 
 # ---- up ----------------------------------------------------------------------------------------
 
 
-def test_up_prints_endpoints_and_the_local_mode_caveat(local: Stack) -> None:
+def test_up_prints_endpoints_and_the_local_mode_caveat(local: Any) -> None:
     assert "https://127.0.0.1:" in local.up_output
     assert "no isolation" in local.up_output
-    profile = json.loads(local.paths.profile.read_text())
+    profile = local.profile()
     assert profile["proxy_url"].startswith("https://127.0.0.1:")
     assert profile["kms_endpoint"].startswith("http://127.0.0.1:")
     for pem in ("ca_bundle", "attestation_root"):
@@ -97,11 +59,11 @@ def test_up_prints_endpoints_and_the_local_mode_caveat(local: Stack) -> None:
     assert local.paths.parent_credentials.stat().st_mode & 0o077 == 0
 
 
-def test_status_says_what_runs_and_up_again_changes_nothing(local: Stack) -> None:
-    status = run("nitro-local", "status", "--state-dir", str(local.root))
+def test_status_says_what_runs_and_up_again_changes_nothing(local: Any) -> None:
+    status = local.cli.run("nitro-local", "status", "--state-dir", str(local.root))
     assert status.returncode == 0
     assert all(f"running (pid {pid})" in status.stdout for pid in local.pids.values())
-    again = run("nitro-local", "up", "--state-dir", str(local.root))
+    again = local.cli.run("nitro-local", "up", "--state-dir", str(local.root))
     assert again.returncode == 0
     assert "already running" in again.stderr
     assert stack.status(local.paths) == local.pids
@@ -110,19 +72,19 @@ def test_status_says_what_runs_and_up_again_changes_nothing(local: Stack) -> Non
 # ---- asking ------------------------------------------------------------------------------------
 
 
-def test_cli_ask_prints_the_answer_with_options_before_or_after(local: Stack) -> None:
+def test_cli_ask_prints_the_answer_with_options_before_or_after(local: Any) -> None:
     started = time.monotonic()
-    before = run("chatbot", "--local", "--state-dir", str(local.root), "ask", QUESTION)
+    before = local.cli.run("chatbot", "--local", "--state-dir", str(local.root), "ask", QUESTION)
     print(f"one question through the CLI: {time.monotonic() - started:.2f} s")
     assert before.returncode == 0, before.stderr
     assert len(before.stdout.strip()) > 10
-    after = run("chatbot", "ask", QUESTION, "--local", "--state-dir", str(local.root))
+    after = local.cli.run("chatbot", "ask", QUESTION, "--local", "--state-dir", str(local.root))
     assert after.returncode == 0, after.stderr
     assert after.stdout == before.stdout  # greedy decoding: the same question, the same answer
     assert "Traceback" not in before.stderr + after.stderr
 
 
-def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Stack) -> None:
+def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Any) -> None:
     with SecureChatClient.from_profile(local.root) as client:
         answer = client.ask(QUESTION)
         assert answer.text.strip() and answer.completion_tokens >= 1
@@ -130,7 +92,7 @@ def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Sta
         assert forced.completion_tokens == 60 > answer.completion_tokens
         assert forced.text.startswith(answer.text)  # greedy: the same answer, then more
 
-        wraps, unwraps = local.kms_calls("GenerateDataKey"), local.kms_calls("Decrypt")
+        wraps, unwraps = local.logs.kms_calls("GenerateDataKey"), local.logs.kms_calls("Decrypt")
         conversation = client.conversation()
         first = conversation.ask("What is a 401(k) plan?")
         session = conversation.session
@@ -142,13 +104,13 @@ def test_library_question_and_a_two_turn_conversation_on_one_data_key(local: Sta
         ]
         assert conversation.session == session
         # One data key for the conversation: one wrap by the client, one unwrap by the enclave.
-        assert local.kms_calls("GenerateDataKey") == wraps + 1
-        assert local.kms_calls("Decrypt") == unwraps + 1
+        assert local.logs.kms_calls("GenerateDataKey") == wraps + 1
+        assert local.logs.kms_calls("Decrypt") == unwraps + 1
 
 
-def test_interactive_cli_keeps_a_conversation(local: Stack) -> None:
-    wraps, unwraps = local.kms_calls("GenerateDataKey"), local.kms_calls("Decrypt")
-    chat = run(
+def test_interactive_cli_keeps_a_conversation(local: Any) -> None:
+    wraps, unwraps = local.logs.kms_calls("GenerateDataKey"), local.logs.kms_calls("Decrypt")
+    chat = local.cli.run(
         "chatbot",
         "--local",
         "--state-dir",
@@ -163,15 +125,15 @@ def test_interactive_cli_keeps_a_conversation(local: Stack) -> None:
     assert len(turns) == 4
     assert all(turn.strip() for turn in turns[1:3]), chat.stdout
     # One conversation: one data key wrapped and unwrapped for both questions.
-    assert local.kms_calls("GenerateDataKey") == wraps + 1
-    assert local.kms_calls("Decrypt") == unwraps + 1
+    assert local.logs.kms_calls("GenerateDataKey") == wraps + 1
+    assert local.logs.kms_calls("Decrypt") == unwraps + 1
 
 
-def test_a_failure_is_one_error_line_not_a_traceback(local: Stack, tmp_path: Path) -> None:
-    profile = json.loads(local.paths.profile.read_text())
+def test_a_failure_is_one_error_line_not_a_traceback(local: Any, tmp_path: Path) -> None:
+    profile = local.profile()
     profile["key_id"] = profile["key_id"][:-4] + "0000"  # a key KMS does not have
     (tmp_path / "profile.json").write_text(json.dumps(profile))
-    failed = run("chatbot", "--local", "--state-dir", str(tmp_path), "ask", QUESTION)
+    failed = local.cli.run("chatbot", "--local", "--state-dir", str(tmp_path), "ask", QUESTION)
     assert failed.returncode != 0
     lines = failed.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("error: ")] == [
@@ -198,10 +160,10 @@ def _post(url: str, ca: str, body: bytes, method: str = "POST") -> tuple[int, di
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(local: Stack) -> None:
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(local: Any) -> None:
     # Only the headers go out: the proxy must answer from Content-Length alone. (Sending the
     # 300 KiB too races the proxy's early answer against the client's writes.)
-    profile = json.loads(local.paths.profile.read_text())
+    profile = local.profile()
     url = urllib.parse.urlsplit(profile["proxy_url"])
     context = ssl.create_default_context(cafile=profile["ca_bundle"])
     connection = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=30)
@@ -230,9 +192,9 @@ def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(local: Stac
     ],
 )
 def test_bad_input_at_the_proxy_is_a_4xx_and_the_next_question_is_answered(
-    local: Stack, body: bytes, method: str, status: int, code: str
+    local: Any, body: bytes, method: str, status: int, code: str
 ) -> None:
-    profile = json.loads(local.paths.profile.read_text())
+    profile = local.profile()
     got, answer = _post(profile["proxy_url"] + "/v1/chat", profile["ca_bundle"], body, method)
     assert (got, answer["error"]["code"]) == (status, code)
     with SecureChatClient.from_profile(local.root) as client:
@@ -279,7 +241,7 @@ class Tap:
 
 
 def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
-    local: Stack, tmp_path: Path, canary: Any
+    local: Any, tmp_path: Path, canary: Any
 ) -> None:
     paths = local.paths
     tap = Tap(paths.socket_dir / "tap.sock", paths.enclave_socket)
@@ -288,7 +250,7 @@ def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
     with open(output, "wb") as out:
         proxy = subprocess.Popen(
             [
-                str(BIN / "parent-proxy"),
+                local.cli.path("parent-proxy"),
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--enclave",
@@ -330,9 +292,7 @@ def test_no_canary_in_the_state_dir_the_relayed_bytes_or_the_proxys_output(
 
     secrets_ = [word.encode(), question.encode(), answer.encode()]
     places = {"relayed bytes": relayed, "proxy output": output.read_bytes()}
-    for path in paths.root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            places[str(path.relative_to(paths.root))] = path.read_bytes()
+    places.update(local.state_files())
     assert "logs/proxy.log" in places and "logs/enclave.log" in places
     # Only where and which: a failure message must not print the secret or the file holding it
     # (the state directory also holds access keys).
@@ -355,32 +315,14 @@ def _wait_healthy(url: str, ca: str, timeout: float = 60) -> None:
 # ---- down (last) -------------------------------------------------------------------------------
 
 
-def test_zz_down_leaves_no_process_of_the_stack(local: Stack) -> None:
-    down = run("nitro-local", "down", "--state-dir", str(local.root))
+def test_zz_down_leaves_no_process_of_the_stack(local: Any, processes: Any) -> None:
+    down = local.cli.run("nitro-local", "down", "--state-dir", str(local.root))
     assert down.returncode == 0, down.stderr
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in local.pids.values()):
+    while time.monotonic() < deadline and any(processes.alive(pid) for pid in local.pids.values()):
         time.sleep(0.1)
-    assert not [name for name, pid in local.pids.items() if _alive(pid)]
+    assert not [name for name, pid in local.pids.items() if processes.alive(pid)]
     # Nor any other process started from this state directory (gunicorn's workers too).
-    assert not _processes_mentioning(str(local.root))
-    status = run("nitro-local", "status", "--state-dir", str(local.root))
+    assert not processes.naming(local.root)
+    status = local.cli.run("nitro-local", "status", "--state-dir", str(local.root))
     assert status.returncode == 3
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text.encode() in (entry / "cmdline").read_bytes() and _alive(int(entry.name)):
-                    found.append(int(entry.name))
-    return found

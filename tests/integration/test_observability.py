@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import ssl
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ class Stack:
     paths: stack.StatePaths
     endpoints: stack.Endpoints
     user_kms: Any
+    sealing: Any  # Sealing (tests/integration/conftest.py)
     secrets: list[str] = field(default_factory=list)
 
     def post(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -73,48 +73,39 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+def local(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sealing: Any
+) -> Iterator[Stack]:
     paths = stack.StatePaths(tmp_path_factory.mktemp("obs") / "state")
     try:
         endpoints = stack.bring_up(paths, model_dir=tiny_model_dir)
         user = stack.ensure_principals(paths).user
-        yield Stack(paths, endpoints, stack.kms_client(endpoints.kms_endpoint, user))
+        kms = stack.kms_client(endpoints.kms_endpoint, user)
+        yield Stack(paths, endpoints, kms, sealing)
     finally:
         stack.stop_all(paths)
 
 
-def ask(local: Stack, session: str, keys: Any, edk: bytes, question: str) -> tuple[str, str, int]:
+def ask(local: Stack, key: Any, question: str) -> tuple[str, str, int]:
     """(trace id, answer text, completion tokens) of one sealed question through the proxy."""
     local.secrets.append(question)
-    header = envelope.Header(
-        key_id=local.endpoints.key_arn,
-        session=session,
-        request_id=envelope.b64url(os.urandom(envelope.REQUEST_ID_BYTES)),
-        sent_at=int(time.time() * 1000),
-        stream=False,
-    )
-    sealed = envelope.seal_request(
-        keys, header, edk, Question(format_prompt(question), max_new_tokens=16).to_json()
+    sealed = local.sealing.seal(
+        key, local.endpoints.key_arn, Question(format_prompt(question), max_new_tokens=16)
     )
     status, headers, raw = local.post(sealed.to_json())
     assert status == 200, raw
-    _final, content = envelope.open_answer(keys, sealed, json.loads(raw), 0)
+    _final, content = envelope.open_answer(key.keys, sealed, json.loads(raw), 0)
     text = content["text"].strip()
     if len(text) >= 12:  # long enough not to occur on a page by chance
         local.secrets.append(text)
     return headers["X-Request-Id"], text, content["usage"]["completion_tokens"]
 
 
-def new_session(local: Stack) -> tuple[str, Any, bytes]:
-    session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
-    answer = local.user_kms.generate_data_key(
-        KeyId=local.endpoints.key_arn,
-        KeySpec="AES_256",
-        EncryptionContext={"app": envelope.APP, "session": session},
-    )
-    data_key = answer["Plaintext"]
-    local.secrets += [base64.b64encode(data_key).decode(), data_key.hex()]
-    return session, envelope.derive_keys(data_key, session), answer["CiphertextBlob"]
+def new_session(local: Stack) -> Any:
+    """A conversation's data key (its plaintext, as text, joins the secrets to look for)."""
+    key = local.sealing.data_key(local.user_kms, local.endpoints.key_arn)
+    local.secrets += [base64.b64encode(key.plaintext).decode(), key.plaintext.hex()]
+    return key
 
 
 def value(page: str, name: str, **labels: str) -> float:
@@ -131,9 +122,9 @@ def value(page: str, name: str, **labels: str) -> float:
 def test_a_question_joins_the_proxy_and_enclave_log_lines_and_shows_in_metrics(local) -> None:
     status, _headers, before = local.request("GET", "/metrics")
     assert status == 200
-    session, keys, edk = new_session(local)
-    first_trace, _text, first_tokens = ask(local, session, keys, edk, QUESTIONS[0])
-    second_trace, _text, second_tokens = ask(local, session, keys, edk, QUESTIONS[1])
+    key = new_session(local)
+    first_trace, _text, first_tokens = ask(local, key, QUESTIONS[0])
+    second_trace, _text, second_tokens = ask(local, key, QUESTIONS[1])
 
     # The proxy's id for the request is in the enclave's lines for it: one grep joins them.
     for trace_id in (first_trace, second_trace):
@@ -174,8 +165,8 @@ def test_a_question_joins_the_proxy_and_enclave_log_lines_and_shows_in_metrics(l
 
 def test_no_question_answer_or_key_on_the_metrics_page_or_in_any_log(local) -> None:
     if not local.secrets:  # run alone: ask first, so that there is something to look for
-        session, keys, edk = new_session(local)
-        ask(local, session, keys, edk, QUESTIONS[0])
+        key = new_session(local)
+        ask(local, key, QUESTIONS[0])
     _status, _headers, raw = local.request("GET", "/metrics")
     texts = {"metrics": raw.decode()}
     for name in stack.COMPONENTS:

@@ -5,9 +5,7 @@ restarted, while the chatbot library keeps asking.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -15,18 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from chatbot.client import SecureChatClient
 from emulator import stack
 from protocol.errors import ErrorCode, NitroError
-from protocol.framing import recv_json, send_json
-from protocol.messages import Kind, RequestFrame, Status, parse_body_frame
 from protocol.transport import Address
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 120.0
 HEALTH_INTERVAL_S = 0.3
 QUESTION = "What is a 401(k) plan?"
@@ -39,45 +35,23 @@ DYING_CODES = {ErrorCode.ENCLAVE_UNAVAILABLE, ErrorCode.PROTOCOL_ERROR}
 class Farm:
     paths: stack.StatePaths
     sockets: dict[str, Path]
+    logs: Any  # StackLogs (tests/integration/conftest.py)
+    enclave_socket: Any  # EnclaveSocket (tests/integration/conftest.py)
     pids: dict[str, int] = field(default_factory=dict)
-
-    def enclave_log(self, name: str) -> list[dict]:
-        return _json_lines(self.paths.log(name))
 
     def chats(self, name: str) -> int:
         """Chat requests the enclave `name` answered (its log's request lines)."""
-        return sum(
-            1
-            for line in self.enclave_log(name)
-            if line.get("event") == "request" and line.get("kind") == "chat"
-        )
+        return sum(1 for line in self.logs.events(name, "request") if line.get("kind") == "chat")
 
     def proxy_events(self, event: str, enclave: str) -> int:
         address = f"unix://{self.sockets[enclave]}"
-        return sum(
-            1
-            for line in _json_lines(self.paths.log("proxy"))
-            if line.get("event") == event and line.get("enclave") == address
-        )
+        return sum(1 for line in self.logs.events("proxy", event) if line.get("enclave") == address)
 
     def kms_decrypts(self) -> int:
-        return sum(
-            1 for line in _json_lines(self.paths.log("kms")) if line.get("operation") == "Decrypt"
-        )
+        return self.logs.kms_calls("Decrypt")
 
     def client(self) -> SecureChatClient:
         return SecureChatClient.from_profile(self.paths.root)
-
-
-def _json_lines(path: Path) -> list[dict]:
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written
-    return lines
 
 
 def start_enclave(farm: Farm, name: str) -> None:
@@ -102,20 +76,7 @@ def kill(farm: Farm, name: str) -> None:
 
 def wait_enclave_ready(farm: Farm, name: str) -> None:
     address = Address.parse(f"unix://{farm.sockets[name]}")
-    frame = RequestFrame(Kind.READY, "test-ready").to_json()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            with address.connect(5) as sock:
-                send_json(sock, frame)
-                if Status.from_json(recv_json(sock, timeout=5)).status == 200:
-                    _final, data = parse_body_frame(recv_json(sock, timeout=5))
-                    if data["ready"]:
-                        return
-        except (OSError, NitroError):
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise AssertionError(f"{name} not ready:\n" + "\n".join(stack.tail(farm.paths.log(name))))
+    farm.enclave_socket.wait_ready(address, farm.paths.log(name), timeout=READY_TIMEOUT_S)
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -127,39 +88,32 @@ def wait_until(what: str, condition: Callable[[], bool], timeout: float = 20.0) 
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Farm]:
+def farm(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    cli: Any,
+    stack_logs: Any,
+    enclave_socket: Any,
+    app_snapshot: Any,
+    start_backend: Any,
+) -> Iterator[Farm]:
     paths = stack.StatePaths(tmp_path_factory.mktemp("scale") / "s")
     paths.prepare()
     sockets = {"enclave": paths.enclave_socket, "enclave-b": paths.socket_dir / "enclave-b.sock"}
-    running = Farm(paths, sockets)
+    running = Farm(paths, sockets, stack_logs(paths), enclave_socket)
     # A copy of the app: the PCRs must not change while the test runs, even if the checkout does.
-    app = paths.root / "app"
-    for package in ("enclave", "protocol"):
-        shutil.copytree(
-            stack.checkout_root() / package,
-            app / package,
-            ignore=shutil.ignore_patterns("__pycache__"),
-        )
-    stack.record_app_root(paths, app)
+    stack.record_app_root(paths, app_snapshot(paths.root / "app"))
     try:
-        stack.ensure_ca(paths)
-        principals = stack.ensure_principals(paths)
-        _kms, endpoint = stack.start_kms(paths)
-        admin = stack.kms_client(endpoint, principals.admin)
-        key_arn = stack.create_or_load_key(paths, admin)
-        stack.write_enclave_config(
-            paths, key_arn=key_arn, model_dir=tiny_model_dir, kms_endpoint=endpoint
-        )
         # Both enclaves run the same measured app, config and model: one policy admits both.
-        stack.apply_local_policy(admin, key_arn, stack.measure_pcrs(paths, tiny_model_dir))
-        stack.start_nsm(paths, tiny_model_dir)
+        backend = start_backend(paths, tiny_model_dir)
+        principals, endpoint = backend.principals, backend.kms_endpoint
         for name in sockets:
             start_enclave(running, name)
         stack.ensure_tls_cert(paths)
         stack.write_parent_credentials(paths, principals.parent)
         port = stack.free_port()
         argv = [
-            str(BIN / "parent-proxy"),
+            cli.path("parent-proxy"),
             "--bind", f"127.0.0.1:{port}",
             "--enclave", ",".join(f"unix://{path}" for path in sockets.values()),
             "--health-interval", str(HEALTH_INTERVAL_S),
@@ -179,7 +133,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iter
             paths,
             proxy_url=proxy_url,
             kms_endpoint=endpoint,
-            key_arn=key_arn,
+            key_arn=backend.key_arn,
             user=principals.user,
             attestation_root=paths.ca_dir / "root.pem",
         )

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,7 @@ from parent_proxy.model_feed import ModelFeed, SealedDirectory
 from protocol import envelope
 from protocol import sealed_model as sm
 from protocol.errors import ErrorCode, NitroError
-from protocol.framing import recv_json, send_json
-from protocol.messages import Credentials, Kind, Question, RequestFrame, Status, parse_body_frame
+from protocol.messages import Credentials, Kind, Question, RequestFrame
 from protocol.transport import Address
 
 pytestmark = pytest.mark.integration
@@ -54,6 +54,9 @@ class Sealed:
     config: EnclaveConfig
     owner_kms: object
     admin_kms: object
+    # The shared helpers (tests/integration/conftest.py).
+    sealing: Any
+    enclave_socket: Any
 
 
 def _with_canary(tiny: Path, dst: Path) -> Path:
@@ -76,16 +79,19 @@ def _with_canary(tiny: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sealed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Sealed]:
+def sealed(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    sealing: Any,
+    enclave_socket: Any,
+    app_snapshot: Any,
+) -> Iterator[Sealed]:
     base = tmp_path_factory.mktemp("sealed-stack")
     source = _with_canary(tiny_model_dir, base / "owner-source")
     paths = stack.StatePaths(base / "state")
     # A snapshot of enclave/ and protocol/: an edit to the checkout while this module runs must
     # not change the PCRs the model key's policy was pinned to.
-    app = base / "app"
-    root = Path(stack.__file__).resolve().parents[1]
-    for name in ("enclave", "protocol"):
-        shutil.copytree(root / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+    app = app_snapshot(base / "app")
     try:
         stack.bring_up(paths, model_dir=source, sealed_model=True, app=app)
         endpoint = f"http://127.0.0.1:{paths.kms_port_file.read_text().strip()}"
@@ -96,6 +102,8 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
             config=EnclaveConfig.load(paths.enclave_config),
             owner_kms=stack.kms_client(endpoint, stack.ensure_model_owner(paths)),
             admin_kms=stack.kms_client(endpoint, principals.admin),
+            sealing=sealing,
+            enclave_socket=enclave_socket,
         )
     finally:
         stack.stop_all(paths)
@@ -104,44 +112,29 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 # ---- the happy path ----------------------------------------------------------------------------
 
 
-def _ask(paths: stack.StatePaths, prompt: str, max_new_tokens: int) -> dict:
+def _ask(sealed: Sealed, prompt: str, max_new_tokens: int) -> dict:
     """One sealed question straight to the enclave's socket, as the proxy relays it."""
+    paths = sealed.paths
     profile = stack.read_profile(paths)
     user = stack.AccessKey(
         profile["user"]["access_key_id"], profile["user"]["secret_access_key"], stack.USER_ARN
     )
-    session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
-    answer = stack.kms_client(profile["kms_endpoint"], user).generate_data_key(
-        KeyId=profile["key_id"],
-        KeySpec="AES_256",
-        EncryptionContext={"app": envelope.APP, "session": session},
-    )
-    keys = envelope.derive_keys(answer["Plaintext"], session)
-    header = envelope.Header(
-        key_id=profile["key_id"],
-        session=session,
-        request_id=envelope.b64url(os.urandom(envelope.REQUEST_ID_BYTES)),
-        sent_at=int(time.time() * 1000),
-        stream=False,
-    )
-    question = Question(prompt, max_new_tokens=max_new_tokens).to_json()
-    request = envelope.seal_request(keys, header, answer["CiphertextBlob"], question)
+    user_kms = stack.kms_client(profile["kms_endpoint"], user)
+    key = sealed.sealing.data_key(user_kms, profile["key_id"])
+    question = Question(prompt, max_new_tokens=max_new_tokens)
+    request = sealed.sealing.seal(key, profile["key_id"], question)
     parent = json.loads(paths.parent_credentials.read_text())["credentials"]
     frame = RequestFrame(Kind.CHAT, "sealed-test", Credentials.from_json(parent), request.to_json())
-    with Address.parse(f"unix://{paths.enclave_socket}").connect(timeout=60) as sock:
-        send_json(sock, frame.to_json())
-        status = Status.from_json(recv_json(sock, timeout=60))
-        assert status.status == 200, status.error
-        _final, data = parse_body_frame(recv_json(sock, timeout=120))
-    _final, content = envelope.open_answer(keys, request, data, 0)
+    address = Address.parse(f"unix://{paths.enclave_socket}")
+    status, bodies = sealed.enclave_socket.exchange(address, frame.to_json(), timeout=120)
+    assert status.status == 200, status.error
+    _final, content = envelope.open_answer(key.keys, request, bodies[-1], 0)
     return content
 
 
-def _ready(paths: stack.StatePaths) -> dict:
-    with Address.parse(f"unix://{paths.enclave_socket}").connect(timeout=30) as sock:
-        send_json(sock, RequestFrame(Kind.READY, "ready-probe").to_json())
-        Status.from_json(recv_json(sock, timeout=30))
-        return parse_body_frame(recv_json(sock, timeout=30))[1]
+def _ready(sealed: Sealed) -> dict:
+    address = Address.parse(f"unix://{sealed.paths.enclave_socket}")
+    return sealed.enclave_socket.ready(address)
 
 
 def test_the_sealed_model_answers_exactly_as_the_baked_one(
@@ -149,8 +142,8 @@ def test_the_sealed_model_answers_exactly_as_the_baked_one(
 ) -> None:
     from enclave.engine import GenerationParams, load_engine
 
-    assert _ready(sealed.paths) == {"ready": True, "model": "fast"}
-    answer = _ask(sealed.paths, PROMPT, 24)
+    assert _ready(sealed) == {"ready": True, "model": "fast"}
+    answer = _ask(sealed, PROMPT, 24)
     baked = load_engine(tiny_model_dir, "fast", max_batch=1)
     steps = list(baked.generate(PROMPT, GenerationParams(max_new_tokens=24)))
     assert answer["text"] == "".join(s.text for s in steps)
@@ -406,7 +399,7 @@ def test_a_tampered_feed_leaves_the_enclave_unready_with_the_code(
     stack.start_feed(paths, tampered)
     with pytest.raises(stack.StackError, match="model_chunk_corrupt"):
         stack.restart_enclave(paths, timeout=120)
-    assert _ready(paths) == {"ready": False, "model": "model_chunk_corrupt"}
+    assert _ready(sealed) == {"ready": False, "model": "model_chunk_corrupt"}
     assert '"code":"model_chunk_corrupt"' in paths.log("enclave").read_text()
     profile = stack.read_profile(paths)
     context = ssl.create_default_context(cafile=profile["ca_bundle"])
