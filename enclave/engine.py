@@ -220,25 +220,27 @@ class ScheduledEngine:
         return self._steps(stream, should_stop)
 
     def _steps(self, stream: Any, should_stop: Callable[[], bool] | None) -> Iterator[Step]:
-        generated: list[int] = []
-        emitted = ""
+        # Only the tokens after the last emitted text are decoded at each step (not the whole
+        # answer again): BLOOM's byte-level decoding splits at any token boundary where the text
+        # so far was complete UTF-8, so the pieces add up to decoding the whole answer.
+        pending: list[int] = []
         try:
             for token, finish in stream:
                 if finish == "stop":
-                    yield Step(self.codec.decode(generated)[len(emitted) :], token, "stop")
+                    yield Step(self.codec.decode(pending), token, "stop")
                     return
-                generated.append(token)
+                pending.append(token)
                 reason = finish
                 if reason is None and should_stop is not None and should_stop():
                     reason = "cancelled"
-                text = self.codec.decode(generated)
+                text = self.codec.decode(pending)
                 # Hold back an incomplete UTF-8 sequence until a later token completes it; the
                 # last step flushes whatever is left, so the texts always add up to the decode.
                 if reason is None and text.endswith(_REPLACEMENT_CHAR):
-                    new = ""
+                    text = ""
                 else:
-                    new, emitted = text[len(emitted) :], text
-                yield Step(new, token, reason)
+                    pending = []
+                yield Step(text, token, reason)
                 if reason is not None:
                     return
         finally:

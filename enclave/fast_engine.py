@@ -52,7 +52,15 @@ class BloomShape:
 
     @classmethod
     def from_config(cls, path: Path) -> BloomShape:
-        raw = json.loads(Path(path).read_text("utf-8"))
+        return cls.from_config_bytes(Path(path).read_bytes(), path)
+
+    @classmethod
+    def from_config_bytes(cls, data: bytes, path: Path | str = "config.json") -> BloomShape:
+        """The shape from config.json's bytes (`path` only names it in errors)."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PreparedWeightsError(f"{path} is not JSON") from exc
         if raw.get("model_type") != "bloom":
             raise PreparedWeightsError(f"{path} is not a BLOOM configuration")
         if raw.get("apply_residual_connection_post_layernorm", False):
@@ -152,8 +160,9 @@ class _Fp32Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight.float().contiguous(), bias
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        with _Threads(threads):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 class _Int8Linear:
@@ -174,10 +183,12 @@ class _Int8Linear:
     ) -> None:
         """`slices`: the int8 matrix as consecutive blocks of rows, each read only once."""
         self.packed, sums = [], []
+        self.bounds: list[tuple[int, int]] = []  # each packed slice's output columns
         start = 0
         for block in slices:
             self.packed.append(_pack(block, scale[start : start + block.shape[0]]))
             sums.append(block.sum(dim=1, dtype=torch.int32))  # converts only this block
+            self.bounds.append((start, start + block.shape[0]))
             start += block.shape[0]
         if start != scale.shape[0]:
             raise PreparedWeightsError("an int8 matrix and its scales differ in rows")
@@ -196,15 +207,53 @@ class _Int8Linear:
         blocks = (qweight[start : start + slice_rows] for start in range(0, rows, slice_rows))
         return cls(blocks, scale, bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = torch.aminmax(x, dim=1, keepdim=True)
-        span = (high - low).clamp_min_(1e-30)  # a constant row becomes zeros either way
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """x @ W.T + b; the matrix products run on `threads` threads (the rest on the caller's)."""
+        # amin and amax are vectorized; aminmax along a dimension is several times slower.
+        low = x.amin(dim=1, keepdim=True)
+        span = x.amax(dim=1, keepdim=True).sub_(low).clamp_min_(1e-30)  # a constant row: zeros
         unit = (x - low).div_(span)
         # reduce_range (7-bit activations) keeps AVX2's 16-bit pair sums from saturating.
-        parts = [torch.ops.quantized.linear_dynamic(unit, p, True) for p in self.packed]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        # Elementwise only (no matrix product), so that a row's result never depends on M.
-        return y.mul_(span).add_(torch.addcmul(self.bias, low, self.rowsum))
+        # The rest is elementwise (no matrix product), so that a row's result never depends on M.
+        if len(self.packed) == 1:
+            with _Threads(threads):
+                y = torch.ops.quantized.linear_dynamic(unit, self.packed[0], True)
+            return torch.addcmul(self.bias, low, self.rowsum).addcmul_(y, span)
+        # The output layer (250880 columns): each slice finished while its product is in cache.
+        out = torch.empty((x.shape[0], self.rowsum.shape[0]))
+        with _Threads(threads):
+            for (start, end), packed in zip(self.bounds, self.packed, strict=True):
+                y = torch.ops.quantized.linear_dynamic(unit, packed, True)
+                part = out[:, start:end]
+                torch.addcmul(self.bias[start:end], low, self.rowsum[start:end], out=part)
+                part.addcmul_(y, span)
+        return out
+
+
+class _Threads:
+    """torch's intra-op thread count set to `count` inside a `with` block, restored after.
+
+    A step is over a thousand small operations (attention per sequence, layer norms, each row's
+    scaling) around 97 matrix products. Run on two OpenMP threads, every small operation is a
+    parallel region that waits for both threads: microseconds of work, and a whole time slice
+    whenever the second thread is descheduled (a shared machine, or the server's other threads).
+    So a step runs on its calling thread alone and hands the threads to the matrix products.
+    """
+
+    __slots__ = ("before", "count")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.before = count
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        if self.before != self.count:
+            torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before != self.count:
+            torch.set_num_threads(self.before)
 
 
 def _pack(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
@@ -359,6 +408,50 @@ class BloomForward:
         return model
 
     @classmethod
+    def from_prepared_bytes(cls, config: bytes, weights: bytes) -> BloomForward:
+        """The int8 model from the bytes of config.json and model-int8.safetensors, in memory.
+
+        For a sealed model decrypted inside the enclave: nothing is read from or written to a
+        disk. The weights are parsed by safetensors (one copy); each int8 matrix is dropped as
+        soon as fbgemm packed it, so the peak is about twice the file.
+        """
+        from safetensors.torch import load
+
+        shape = BloomShape.from_config_bytes(config)
+        header_len = int.from_bytes(weights[:8], "little")
+        try:
+            header = json.loads(weights[8 : 8 + min(header_len, 1 << 24)])
+            meta = header.get("__metadata__") or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            raise PreparedWeightsError(f"{PREPARED_FILE} has no safetensors header") from exc
+        if meta.get("format") != PREPARED_FORMAT or meta.get("version") != PREPARED_VERSION:
+            raise PreparedWeightsError(
+                f"{PREPARED_FILE} is not in format {PREPARED_FORMAT} v{PREPARED_VERSION}"
+            )
+        state = load(weights)
+        embedding = state.get("word_embeddings.qweight")
+        if embedding is None or tuple(embedding.shape) != (shape.vocab_size, shape.hidden_size):
+            raise PreparedWeightsError(f"{PREPARED_FILE} does not match config.json")
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise PreparedWeightsError(f"{PREPARED_FILE} lacks {name}")
+            return state[name]
+
+        def linear(base: str, bias: bool = True) -> _Int8Linear:
+            scale = take(f"{base}.scale")
+            qweight = take(f"{base}.qweight")
+            if base != "word_embeddings":
+                del state[f"{base}.qweight"]  # packed below; the dict's copy is not needed
+            return _Int8Linear.of(qweight, scale, take(f"{base}.bias") if bias else None)
+
+        layers = [cls._layer(take, linear, f"h.{i}") for i in range(shape.n_layer)]
+        lm_head = linear("word_embeddings", bias=False)
+        model = cls(shape, embedding, take("word_embeddings.scale"), lm_head, state, layers)
+        _return_freed_memory()
+        return model
+
+    @classmethod
     def from_hf_state(cls, shape: BloomShape, state: dict[str, torch.Tensor]) -> BloomForward:
         """The fp32 model from a transformers state dict (names without `transformer.`)."""
 
@@ -397,7 +490,16 @@ class BloomForward:
         return rows
 
     def step(self, work: Sequence[Work]) -> list[torch.Tensor | None]:
-        """Feed each sequence its new tokens; return [vocab] logits where asked, else None."""
+        """Feed each sequence its new tokens; return [vocab] logits where asked, else None.
+
+        The matrix products use torch's intra-op threads (torch.set_num_threads); everything
+        else runs on the calling thread alone (see `_Threads`).
+        """
+        threads = torch.get_num_threads()
+        with _Threads(1):
+            return self._step(work, threads)
+
+    def _step(self, work: Sequence[Work], threads: int) -> list[torch.Tensor | None]:
         shape = self.shape
         eps = shape.layer_norm_epsilon
         hidden = shape.hidden_size
@@ -414,14 +516,17 @@ class BloomForward:
         x = torch.nn.functional.layer_norm(x, (hidden,), *self.emb_ln, eps)
         for index, layer in enumerate(self.layers):
             h = torch.nn.functional.layer_norm(x, (hidden,), layer.ln1_w, layer.ln1_b, eps)
-            qkv = layer.qkv(h).view(rows, n_head, 3, head_dim)
-            context = torch.empty((rows, n_head, head_dim))
-            for item, (start, count, position) in zip(work, spans, strict=True):
-                part = qkv[start : start + count]
-                context[start : start + count] = self._attend(item.cache, index, position, part)
-            x = layer.dense(context.view(rows, hidden)).add_(x)
+            qkv = layer.qkv(h, threads).view(rows, n_head, 3, head_dim)
+            parts = [
+                self._attend(item.cache, index, position, qkv[start : start + count])
+                for item, (start, count, position) in zip(work, spans, strict=True)
+            ]
+            context = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(rows, hidden)
+            x = layer.dense(context, threads).add_(x)
             h = torch.nn.functional.layer_norm(x, (hidden,), layer.ln2_w, layer.ln2_b, eps)
-            x = layer.down(_bloom_gelu(layer.up(h))).add_(x)
+            # BLOOM's GELU is the tanh approximation.
+            up = torch.nn.functional.gelu(layer.up(h, threads), approximate="tanh")
+            x = layer.down(up, threads).add_(x)
         for item, (_, count, _) in zip(work, spans, strict=True):
             item.cache.length += count
         wanted = [i for i, item in enumerate(work) if item.want_logits]
@@ -429,7 +534,7 @@ class BloomForward:
         if wanted:
             last = torch.tensor([spans[i][0] + spans[i][1] - 1 for i in wanted])
             h = torch.nn.functional.layer_norm(x[last], (hidden,), *self.ln_f, eps)
-            logits = self.lm_head(h)
+            logits = self.lm_head(h, threads)
             for row, i in enumerate(wanted):
                 out[i] = logits[row]
         return out
@@ -475,11 +580,6 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    # BLOOM's tanh approximation, with its constants.
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
 def _alibi_slopes(n_head: int) -> torch.Tensor:

@@ -70,6 +70,7 @@ class SchedulerStats:
     overloaded: int = 0
     cancelled: int = 0
     peak_batch: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # decode steps, by batch size
 
 
 class Scheduler:
@@ -94,7 +95,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.prefill_chunk = prefill_chunk
-        self.stats = SchedulerStats()
+        self.stats = SchedulerStats(batch_sizes=[0] * (max_batch + 1))
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
         self._lock = threading.Condition()
@@ -236,6 +237,7 @@ class Scheduler:
         logits = self.model.step(work)
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(work))
+        self.stats.batch_sizes[len(work)] += 1
         finished = []
         for request, row in zip(batch, logits, strict=True):
             if row is None:
@@ -311,6 +313,6 @@ class _Stream:
 
 
 def _greedy(logits: Any) -> int:
-    import torch
-
-    return int(torch.argmax(logits))
+    # numpy's argmax is vectorized and several times faster than torch's over 250880 logits;
+    # both answer the first maximum.
+    return int(logits.detach().numpy().argmax())

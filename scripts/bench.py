@@ -874,37 +874,129 @@ def concurrent_clients(
     }
 
 
-def paired_latencies(
-    running: RunningStack, engine: Any, question: str, prompt: str, requests: int
-) -> tuple[list[float], list[float]]:
-    """Wall times of `requests` one-at-a-time turns through the stack (warm key) and of the same
-    request to `engine` alone in this process, interleaved so that both see the same machine."""
-    from enclave.engine import GenerationParams
+class EngineWorker:
+    """The fast engine alone, in a fresh process started like the enclave server: the same
+    interpreter, environment (emulator.stack's) and torch thread settings, loaded by
+    `load_engine` with the enclave configuration's limits. The baseline of the stack's added
+    latency: the bench's own process has run other models and threads, which would change it.
 
+    One request at a time: a JSON line on its stdin; it answers the engine's own wall time for it.
+    """
+
+    def __init__(self, model_dir: Path, enclave_config: Path, log: Path) -> None:
+        from emulator import stack
+
+        self._log = log
+        argv = [sys.executable, str(Path(__file__).resolve()), "--engine-worker", str(model_dir)]
+        with open(log, "ab") as err:
+            self._proc = subprocess.Popen(
+                [*argv, "--engine-config", str(enclave_config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=stack._child_env(),
+                cwd=_ROOT,
+                text=True,
+            )
+        self._reply(STACK_READY_TIMEOUT_S)  # {"ready": true} once loaded
+
+    def generate(self, prompt: str, new_tokens: int, min_new_tokens: int) -> tuple[float, int]:
+        """(seconds the engine took, tokens it generated) for one request."""
+        assert self._proc.stdin is not None
+        request = {"prompt": prompt, "max_new_tokens": new_tokens, "min_new_tokens": min_new_tokens}
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        reply = self._reply(CLIENT_TIMEOUT_S)
+        return float(reply["seconds"]), int(reply["tokens"])
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        import select
+
+        assert self._proc.stdout is not None
+        readable, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        line = self._proc.stdout.readline() if readable else ""
+        if not line:
+            self.close()
+            tail = self._log.read_text(errors="replace")[-400:] if self._log.exists() else ""
+            raise BenchError(f"the engine-alone process gave no answer: {tail.strip()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()  # end of input: it closes its engine and exits
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=30)
+
+
+def engine_worker(model_dir: Path, enclave_config: Path) -> int:
+    """--engine-worker: load the engine as enclave/main.py does, then time requests from stdin."""
+    from enclave.config import EnclaveConfig
+    from enclave.engine import GenerationParams, load_engine
+
+    config = EnclaveConfig.load(enclave_config)
+    engine = load_engine(
+        model_dir,
+        config.engine,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+    )
+    print(json.dumps({"ready": True}), flush=True)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            params = GenerationParams(
+                max_new_tokens=int(request["max_new_tokens"]),
+                min_new_tokens=int(request["min_new_tokens"]),
+            )
+            start = time.perf_counter()
+            tokens = sum(1 for _step in engine.generate(str(request["prompt"]), params))
+            seconds = time.perf_counter() - start
+            print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+    finally:
+        _close(engine)
+    return 0
+
+
+def paired_latencies(
+    running: RunningStack, worker: EngineWorker, question: str, prompt: str, requests: int
+) -> tuple[list[float], list[float]]:
+    """Wall times of `requests` one-at-a-time turns through the stack (warm key), as the client
+    sees them, and of the same request to the engine alone (its own time, in its own process),
+    alternating which goes first so that both see the same machine."""
     out_stack: list[float] = []
     out_engine: list[float] = []
     lengths = set()
     with _client(running) as client:
         conversation = client.conversation()
         params = _ask_params(conversation, NEW_TOKENS)
-        # The engine alone gets what the enclave gets from this client's question.
-        alone = GenerationParams(
-            max_new_tokens=NEW_TOKENS, min_new_tokens=params.get("min_new_tokens", 0)
-        )
-        _fresh_turn(conversation, question, 4)
-        for _step in engine.generate(prompt, _greedy(4)):
-            pass
-        for _ in range(requests):
+        minimum = params.get("min_new_tokens", 0)
+
+        def through_stack() -> None:
             start = time.perf_counter()
             answer = _fresh_turn(conversation, question, NEW_TOKENS)
             out_stack.append(time.perf_counter() - start)
             lengths.add(answer.completion_tokens)
-            start = time.perf_counter()
-            steps = sum(1 for _step in engine.generate(prompt, alone))
-            out_engine.append(time.perf_counter() - start)
-            lengths.add(steps)
+
+        def engine_alone() -> None:
+            seconds, tokens = worker.generate(prompt, NEW_TOKENS, minimum)
+            out_engine.append(seconds)
+            lengths.add(tokens)
+
+        # Warm-up: the key fetched and cached, both engines past their first request.
+        _fresh_turn(conversation, question, NEW_TOKENS)
+        worker.generate(prompt, NEW_TOKENS, minimum)
+        for i in range(requests):
+            pair = (through_stack, engine_alone)
+            for measure in pair if i % 2 == 0 else pair[::-1]:
+                measure()
     if lengths != {NEW_TOKENS}:
-        # The wire has no min_new_tokens (yet): the model may end an answer early.
+        # Without min_new_tokens on the wire the model may end an answer early.
         say(f"overhead: answers had {sorted(lengths)} tokens (stack and engine alone alike)")
     return out_stack, out_engine
 
@@ -916,12 +1008,15 @@ def overhead_pct(stack_times: Sequence[float], engine_times: Sequence[float]) ->
 
 
 def measure_overhead(
-    running: RunningStack, backends: Backends, model: str, question: str, prompt: str, n: int
+    running: RunningStack, model_dir: Path, question: str, prompt: str, n: int, log: Path
 ) -> dict[str, Any]:
-    say(f"overhead: {n} requests through the stack, each followed by the engine alone")
-    engine = backends.load("fast", model)
-    through, alone = paired_latencies(running, engine, question, prompt, n)
-    _close(engine)
+    say("overhead: starting the engine alone in a process of its own")
+    worker = EngineWorker(model_dir, running.paths.enclave_config, log)
+    try:
+        say(f"overhead: {n} requests through the stack and {n} to the engine alone, alternating")
+        through, alone = paired_latencies(running, worker, question, prompt, n)
+    finally:
+        worker.close()
     say(
         f"overhead: median {statistics.median(through) * 1000:.0f} ms through the stack, "
         f"{statistics.median(alone) * 1000:.0f} ms for the engine alone"
@@ -930,7 +1025,10 @@ def measure_overhead(
         "stack_overhead_pct": overhead_pct(through, alone),
         "_stack_median_ms": statistics.median(through) * 1000,
         "_engine_median_ms": statistics.median(alone) * 1000,
+        "_stack_ms": [round(t * 1000, 1) for t in through],
+        "_engine_ms": [round(t * 1000, 1) for t in alone],
         "_requests": n,
+        "_baseline": "engine alone in a fresh process, the enclave's configuration",
     }
 
 
@@ -963,7 +1061,12 @@ def section_stack(
                 )
             if "overhead" in sections and overhead_model == "full":
                 got = measure_overhead(
-                    running, backends, "full", question, prompt, overhead_requests
+                    running,
+                    backends.stack_model_dir("full"),
+                    question,
+                    prompt,
+                    overhead_requests,
+                    log_copy.parent / "engine-alone.log",
                 )
                 out["stack_overhead_pct"] = got.pop("stack_overhead_pct")
                 meta["overhead"] = {k[1:]: v for k, v in got.items()}
@@ -977,7 +1080,12 @@ def section_stack(
             tokenizer = AutoTokenizer.from_pretrained(backends.tiny_model, local_files_only=True)
             tiny_question, tiny_prompt, _n = make_question(tokenizer)
             got = measure_overhead(
-                running, backends, "tiny", tiny_question, tiny_prompt, overhead_requests
+                running,
+                backends.stack_model_dir("tiny"),
+                tiny_question,
+                tiny_prompt,
+                overhead_requests,
+                log_copy.parent / "engine-alone.log",
             )
             out["stack_overhead_pct"] = got.pop("stack_overhead_pct")
             meta["overhead"] = {k[1:]: v for k, v in got.items()}
@@ -1006,6 +1114,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run every section on the tiny model (checks the harness; measures no target)",
     )
+    # Internal: the engine-alone process of the overhead measurement (EngineWorker).
+    parser.add_argument("--engine-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--overhead-model",
         choices=("full", "tiny", "auto"),
@@ -1107,6 +1218,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.engine_worker is not None:
+        if args.engine_config is None:
+            print("bench: --engine-worker needs --engine-config", file=sys.stderr)
+            return 2
+        return engine_worker(args.engine_worker, args.engine_config)
     try:
         parse_sections(args.only)
     except ValueError as exc:

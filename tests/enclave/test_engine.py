@@ -275,3 +275,25 @@ def test_an_incomplete_character_at_the_end_is_flushed(tiny_model_dir: Path) -> 
     assert _text(steps) == engine.tokenizer.decode(ids, skip_special_tokens=True)
     assert _text(steps).endswith("\ufffd")
     assert steps[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("text", ["Fee: 5 € or é, 日本語 and 🙂.", "  leading spaces\n\nand lines"])
+def test_the_fast_engines_pieces_add_up_to_the_whole_decode(tiny_model_dir: Path, text: str):
+    # ScheduledEngine decodes only the tokens since its last piece: the pieces must still be
+    # exactly the decode of the whole answer, with no replacement character on the way.
+    from enclave.engine import ScheduledEngine, _TokenizersCodec
+
+    codec = _TokenizersCodec.load(tiny_model_dir)
+    ids = codec.encode(text)
+
+    def stream():
+        for token in ids:
+            yield token, None
+        yield 0, "stop"
+
+    engine = SimpleNamespace(codec=codec)
+    steps = list(ScheduledEngine._steps(engine, stream(), None))
+    assert "".join(step.text for step in steps) == codec.decode(ids) == text
+    assert not any("\ufffd" in step.text for step in steps)
+    assert [step.token_id for step in steps[:-1]] == ids
+    assert steps[-1].finish_reason == "stop"

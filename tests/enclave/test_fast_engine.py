@@ -97,18 +97,39 @@ def test_int8_agrees_with_the_reference_teacher_forced(hf_model, int8_forward, f
     assert max(errors) < 0.05
 
 
+@pytest.mark.parametrize("slice_rows", [64, 256])  # the output layer's slices; one matrix
 @pytest.mark.parametrize("rows", [1, 3, 9, 17])
-def test_int8_rows_do_not_depend_on_their_batch_mates(rows: int) -> None:
+def test_int8_rows_do_not_depend_on_their_batch_mates(rows: int, slice_rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn((256, 192), generator=generator)
-    layer = _Int8Linear.of(*quantize_rows(weight), torch.randn(256, generator=generator), 64)
+    bias = torch.randn(256, generator=generator)
+    layer = _Int8Linear.of(*quantize_rows(weight), bias, slice_rows)
+    assert len(layer.packed) == 256 // slice_rows
     x = torch.randn((rows, 192), generator=generator) * torch.linspace(0.1, 30, rows)[:, None]
-    together = layer(x)
+    together = layer(x, 2)  # the products on two threads, as a step runs them
     alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
     assert torch.equal(together, alone)
     # And it is the product it claims to be (to int8 precision).
     exact = x @ weight.T
     assert float((together - layer.bias - exact).norm() / exact.norm()) < 0.02
+
+
+def test_a_step_gives_the_threads_back(int8_forward, faq_ids) -> None:
+    # A step runs its small operations on one thread and hands the threads to the products:
+    # the process's setting is what it was afterwards, also when the step fails.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache = int8_forward.new_cache(8)
+        with torch.inference_mode():
+            (logits,) = int8_forward.step([Work(cache, faq_ids[0][:8], True)])
+        assert logits is not None and torch.isfinite(logits).all()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="longer than its cache"):
+            int8_forward.step([Work(cache, [1], True)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_prepared_file_is_safetensors_with_int8_weights(tiny_model_dir: Path) -> None:

@@ -208,3 +208,29 @@ def test_cpu_readers_count_up() -> None:
         pass
     assert bench._machine_busy_s() >= busy > 0
     assert bench._own_cpu_s() > own
+
+
+def test_the_engine_alone_runs_in_its_own_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The overhead's baseline: the engine loaded as the enclave loads it, in a fresh process,
+    # timing each request it is sent; closing its input ends it.
+    config = tmp_path / "enclave.json"
+    config.write_text(
+        json.dumps({"region": "us-east-1", "key_ids": ["k"], "model_dir": str(tiny_model_dir)})
+    )
+    log = tmp_path / "engine-alone.log"
+    worker = bench.EngineWorker(tiny_model_dir, config, log)
+    try:
+        seconds, tokens = worker.generate("How do I reset my password?", 6, 6)
+        assert tokens == 6
+        assert 0 < seconds < 60
+        assert worker._proc.pid != os.getpid()
+    finally:
+        worker.close()
+    assert worker._proc.returncode == 0
+
+
+def test_a_dead_engine_alone_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    config = tmp_path / "enclave.json"
+    config.write_text(json.dumps({"region": "us-east-1", "key_ids": ["k"], "model_dir": "/nx"}))
+    with pytest.raises(bench.BenchError, match="engine-alone process gave no answer"):
+        bench.EngineWorker(tmp_path / "no-model", config, tmp_path / "engine-alone.log")
