@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from protocol import logs
 
@@ -79,18 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     if config.debug_plaintext_log and not debug:
         logs.event(log, "plaintext_log_refused", reason="not a debug-mode enclave")
 
-    server = EnclaveServer(
-        config,
-        nsm,
-        identity,
-        AttestedKms(config, nsm, identity),
-        lambda: load_engine(
+    kms = AttestedKms(config, nsm, identity)
+
+    def load_model() -> Any:
+        if config.model_manifest_sha256:  # sealed: pulled from the parent, opened in memory
+            from enclave.model_loader import load_sealed_engine
+
+            return load_sealed_engine(config, kms)
+        return load_engine(
             Path(config.model_dir),
             config.engine,
             max_prompt_tokens=config.max_prompt_tokens,
             max_batch=config.max_batch,
             max_queue=config.max_queue,
-        ),
+        )
+
+    server = EnclaveServer(
+        config,
+        nsm,
+        identity,
+        kms,
+        load_model,
         plaintext_log=plaintext_log,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
