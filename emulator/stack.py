@@ -1337,14 +1337,34 @@ def ensure_owner_model(
     paths: StatePaths, model_dir: Path | None = None, progress: Progress | None = None
 ) -> Path:
     """DIR/owner/model: a copy of `model_dir` (or of the tiny model, built once) with the fast
-    engine's prepared weights, on the owner's side."""
+    engine's prepared weights, on the owner's side.
+
+    Without `model_dir`, the tiny model DIR/model that an earlier plain `up` built is moved to
+    the owner's side (or, if the owner has one already, removed): the parent side keeps only
+    the sealed copy. Either is said through `progress`.
+    """
     import shutil
 
+    report = progress or (lambda _line: None)
     target = owner_dir(paths) / "model"
+    parent_copy = paths.default_model_dir
     if (target / PREPARED_WEIGHTS).is_file():
+        if model_dir is None and parent_copy.exists():
+            _remove_tree(parent_copy)
+            report(f"removed {parent_copy} (plaintext): the parent side keeps only the sealed copy")
         return target
     owner_dir(paths).mkdir(mode=0o700, exist_ok=True)
-    if model_dir is None and not (paths.default_model_dir / PREPARED_WEIGHTS).is_file():
+    if model_dir is None and (parent_copy / "config.json").is_file():
+        ensure_model(paths, None, progress)  # prepared in place if an older build lacks it
+        if target.exists():  # an interrupted copy
+            _remove_tree(target)
+        os.replace(parent_copy, target)
+        report(
+            f"moved {parent_copy} (plaintext) to {target}, the owner's side: the parent side "
+            "keeps only the sealed copy"
+        )
+        return target
+    if model_dir is None:
         # Built on the owner's side: the parent's side never holds the plaintext model.
         return ensure_model(StatePaths(owner_dir(paths)), None, progress)
     source = ensure_model(paths, model_dir, progress)

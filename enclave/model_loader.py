@@ -3,6 +3,10 @@
 The manifest must hash to the digest the measured configuration pins; the data key comes from
 the model owner's KMS key by an attested Decrypt; every chunk is authenticated in order before it
 is used. Nothing plaintext touches a disk (an enclave has none): the engine loads from bytes.
+
+An enclave that boots before its feed waits for it (FEED_WAIT_S, with backoff); after that the
+whole load has one deadline scaled to the sealed size (FeedLimits), so that no feed, slow or
+hostile, holds a boot for ever.
 """
 
 from __future__ import annotations
@@ -258,7 +262,10 @@ def _expect_end(
             ErrorCode.MODEL_CHUNK_REORDERED, f"a frame after the final chunk of file {index}"
         ) from exc
     unsealer.feed(extra)  # raises with the code of what the extra bytes claim to be
-    raise SealedModelError(ErrorCode.MODEL_CHUNK_CORRUPT, "data after the final chunk")
+    # Fewer bytes than a header: anything after the final chunk is out of place (docs/wire.md).
+    raise SealedModelError(
+        ErrorCode.MODEL_CHUNK_REORDERED, f"data after the final chunk of file {index}"
+    )
 
 
 def unseal_from_feed(

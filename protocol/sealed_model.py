@@ -237,10 +237,14 @@ class FileUnsealer:
     """Opens one file's records as they arrive, in order, into memory; refuses any deviation.
 
     `feed` takes bytes in pieces of any size; `finish` checks that the file is complete and
-    matches its manifest entry, and returns the plaintext.
+    matches its manifest entry, and returns the plaintext: one buffer of the file's size, made
+    at the start and filled in place (no copy as it grows). With `keep=False` every chunk is
+    still authenticated and hashed, but no plaintext is kept (`finish` returns it empty).
     """
 
-    def __init__(self, aead: AESGCM, manifest: Manifest, file_index: int) -> None:
+    def __init__(
+        self, aead: AESGCM, manifest: Manifest, file_index: int, keep: bool = True
+    ) -> None:
         self._aead, self._manifest, self._index = aead, manifest, file_index
         self._digest = manifest.digest
         self.entry = manifest.files[file_index]
@@ -248,7 +252,8 @@ class FileUnsealer:
         self._next = 0
         self._buffer = bytearray()
         self._header: tuple[bytes, int, int, int] | None = None
-        self._plain = bytearray()
+        self._plain = bytearray(self.entry.size if keep else 0)
+        self._keep, self._filled = keep, 0
         self._sha = hashlib.sha256()
         # Set when a later chunk came first: was the expected one dropped, or is it still to
         # come (reordered)? The rest of the stream's headers (not decrypted) tell.
@@ -291,7 +296,12 @@ class FileUnsealer:
                     f"file {self._index} chunk {self._next} failed authentication",
                 ) from None
             self._sha.update(plain)
-            self._plain += plain
+            end = self._filled + len(plain)
+            if end > self.entry.size:  # cannot happen: each chunk's length is the manifest's
+                raise _refuse(ErrorCode.MODEL_FILE_MISMATCH, f"file {self._index} differs")
+            if self._keep:
+                self._plain[self._filled : end] = plain  # same length: written in place
+            self._filled = end
             self._next += 1
 
     def _is_ahead(self, digest: bytes, file_index: int, chunk: int, final: int) -> bool:
@@ -358,7 +368,7 @@ class FileUnsealer:
                 ErrorCode.MODEL_TRUNCATED,
                 f"file {self._index} ended after {self._next} of {self._chunks} chunks",
             )
-        if len(self._plain) != self.entry.size or self._sha.hexdigest() != self.entry.sha256:
+        if self._filled != self.entry.size or self._sha.hexdigest() != self.entry.sha256:
             raise _refuse(ErrorCode.MODEL_FILE_MISMATCH, f"file {self._index} differs")
         plain, self._plain = self._plain, bytearray()
         return plain
@@ -480,9 +490,12 @@ def read_key_file(sealed_dir: Path) -> KeyFile:
     return KeyFile.from_json(obj)
 
 
-def unseal_file(aead: AESGCM, manifest: Manifest, index: int, pieces: Iterable[bytes]) -> bytearray:
-    """File `index`'s plaintext from its sealed bytes (in pieces of any size)."""
-    unsealer = FileUnsealer(aead, manifest, index)
+def unseal_file(
+    aead: AESGCM, manifest: Manifest, index: int, pieces: Iterable[bytes], keep: bool = True
+) -> bytearray:
+    """File `index`'s plaintext from its sealed bytes (in pieces of any size); empty, once
+    verified, with `keep=False`."""
+    unsealer = FileUnsealer(aead, manifest, index, keep)
     for piece in pieces:
         unsealer.feed(piece)
     return unsealer.finish()

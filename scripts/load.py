@@ -4,9 +4,10 @@ Each client is a SecureChatClient with its own conversation (one data key), aski
 prompts in turn streamed and whole. Every answer chunk is opened against the request it answers
 (the AAD binds the request id and the SHA-256 of the request's ciphertext), so an answer meant for
 another request cannot open: such an answer is counted as cross-talk, as is one whose opened
-request id is not the one sent. Prints requests, errors by code, latency percentiles, tokens/s,
-and the enclave's and the proxy's resident memory (VmRSS from /proc) after the warm-up and at the
-end; writes load-results.json. Exits 1 when a target is missed: zero cross-talk, no 5xx other
+request id is not the one sent; a connection broken mid-answer is an error, not cross-talk.
+Prints requests, errors by code, latency percentiles, tokens/s, and the enclave's and the
+proxy's resident memory (VmRSS from /proc) after the warm-up and at the end; writes
+load-results.json. Exits 1 when a target is missed: zero cross-talk, no 5xx other
 than `overloaded`, memory growth under 10%.
 """
 
@@ -38,7 +39,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/load.py` from a checkout
 from chatbot.client import ChatError, SecureChatClient  # noqa: E402
 from chatbot.profile import load_profile  # noqa: E402
 from emulator import stack  # noqa: E402
-from protocol.errors import ErrorCode  # noqa: E402
+from protocol.errors import ErrorCode, NitroError  # noqa: E402
 from protocol.prompt import format_prompt  # noqa: E402
 
 DEFAULT_CLIENTS = 16
@@ -92,6 +93,29 @@ def one_turn(conversation: Any, prompt: str, stream: bool, new_tokens: int) -> i
     return answer.completion_tokens
 
 
+def is_cross_talk(exc: ChatError) -> bool:
+    """An answer that failed to verify against its own request: the client wraps the envelope's
+    refusal (envelope.open_answer: another request's id, a tag that does not open under this
+    request's AAD, a chunk out of order) in ANSWER_INVALID with that refusal as its cause. The
+    same code for a transport fault (a connection broken mid-answer, a body cut short, too large
+    or not JSON) has another cause, or none, and is no cross-talk."""
+    cause = exc.__cause__
+    return (
+        exc.code is ErrorCode.ANSWER_INVALID
+        and isinstance(cause, NitroError)
+        and not isinstance(cause, ChatError)
+    )
+
+
+def count_failure(tally: Tally, exc: ChatError) -> None:
+    """One failed request, by its code; cross-talk only when is_cross_talk says so."""
+    with tally.lock:
+        tally.requests += 1
+        if is_cross_talk(exc):
+            tally.cross_talk += 1
+        tally.errors[exc.code.code] += 1
+
+
 def run_client(
     client: SecureChatClient,
     tally: Tally,
@@ -125,11 +149,7 @@ def run_client(
         try:
             tokens = ask()
         except ChatError as exc:
-            with tally.lock:
-                tally.requests += 1
-                if exc.code is ErrorCode.ANSWER_INVALID:
-                    tally.cross_talk += 1
-                tally.errors[exc.code.code] += 1
+            count_failure(tally, exc)
             if exc.code is ErrorCode.OVERLOADED:
                 time.sleep(OVERLOADED_PAUSE_S)
             continue

@@ -22,7 +22,27 @@ from protocol.transport import Address
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "deploy" / "systemd"
 INSTALL = "/opt/nitro-llm"
-NAMES = ("nitro-llm-proxy.service", "nitro-vsock-proxy.service", "nitro-llm-enclave.service")
+NAMES = (
+    "nitro-llm-proxy.service",
+    "nitro-vsock-proxy.service",
+    "nitro-llm-enclave.service",
+    "nitro-llm-model-feed.service",
+)
+# What every parent-side service of ours keeps, whatever else it needs.
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "RestrictSUIDSGID": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictNamespaces": "yes",
+    "LockPersonality": "yes",
+    "SystemCallFilter": "@system-service",
+}
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -116,6 +136,66 @@ def test_the_example_environment_is_a_valid_proxy_configuration() -> None:
     )
     assert config.enclaves == (Address.parse("vsock://16:5000"),)
     assert config.credentials_file is None  # production: the parent role from IMDSv2
+
+
+# ---- the model feed ----------------------------------------------------------------------------
+
+
+def expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """systemd's ${NAME} substitution in ExecStart, from the environment file."""
+    out = []
+    for word in argv:
+        if word.startswith("${") and word.endswith("}"):
+            word = env.get(word[2:-1], "")
+        out.append(word)
+    return out
+
+
+def test_the_model_feed_unit_runs_the_console_script_on_the_example_settings(
+    units, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from parent_proxy import model_feed
+
+    unit = units["nitro-llm-model-feed.service"]
+    argv = one(unit, "Service", "ExecStart").split()
+    script = in_checkout(argv[0])
+    assert script.parent == ROOT / ".venv" / "bin"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[script.name] == "parent_proxy.model_feed:main"
+    if (ROOT / ".venv" / "bin").is_dir():  # `make test` runs from the venv
+        assert os.access(script, os.X_OK), f"{script} is not installed"
+    assert one(unit, "Service", "EnvironmentFile") == "/etc/nitro-llm/model-feed.env"
+    assert one(unit, "Service", "User") not in ("root", "0")
+    assert "nitro-llm-enclave.service" in one(unit, "Unit", "Before").split()
+    # The example environment, as systemd hands it over, parsed by the feed's own parser.
+    env = read_env_file(UNITS / "model-feed.env.example")
+    parser_env = {name for name in env if name.startswith("NITRO_")}
+    assert parser_env == set(env), f"not model-feed settings: {set(env) - parser_env}"
+    for name in ("NITRO_MODEL_FEED_DIR", "NITRO_MODEL_FEED_LISTEN", "NITRO_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = model_feed._parse_args(expand(argv[1:], env))
+    assert args.sealed_dir == env["NITRO_MODEL_FEED_DIR"] == "/var/lib/nitro-llm/sealed-model"
+    assert args.credentials_file is None  # production: the parent role from IMDSv2
+    listen = Address.parse(args.listen)
+    assert (listen.scheme, listen.port) == ("vsock", 5100)
+    assert listen.host == "4294967295"  # VMADDR_CID_ANY: the enclave dials the parent, CID 3
+    assert args.listen == model_feed.DEFAULT_LISTEN
+
+
+def test_the_model_feed_unit_is_hardened(units) -> None:
+    service = units["nitro-llm-model-feed.service"]["Service"]
+    assert {key: service.get(key) for key in HARDENING} == {k: [v] for k, v in HARDENING.items()}
+    assert service["CapabilityBoundingSet"] == [""]  # no capability at all
+    assert "AmbientCapabilities" not in service
+    families = service["RestrictAddressFamilies"][0].split()
+    assert sorted(families) == ["AF_INET", "AF_UNIX", "AF_VSOCK"]
+
+
+def test_the_hardening_is_the_proxys_too(units) -> None:
+    service = units["nitro-llm-proxy.service"]["Service"]
+    assert {key: service.get(key) for key in HARDENING} == {k: [v] for k, v in HARDENING.items()}
 
 
 # ---- vsock-proxy and the enclave ---------------------------------------------------------------

@@ -410,6 +410,45 @@ def test_model_is_built_once_and_never_half(tmp_path: Path, monkeypatch) -> None
     assert len(prepared) == 2 and len(builds) == 1
 
 
+def test_a_sealed_up_leaves_no_plaintext_model_on_the_parent_side(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from emulator import tiny_model
+
+    paths = stack.StatePaths(tmp_path)
+    paths.prepare()
+    weights = b"owner-weights-" + os.urandom(16)
+
+    def plain_up_model() -> None:  # DIR/model, as a plain `up` leaves it
+        paths.default_model_dir.mkdir()
+        (paths.default_model_dir / "config.json").write_text("{}")
+        (paths.default_model_dir / stack.PREPARED_WEIGHTS).write_bytes(weights)
+
+    def no_build(*_args, **_kwargs):
+        raise AssertionError("the model is built once, not again")
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", no_build)
+    plain_up_model()
+    said: list[str] = []
+    owner = stack.ensure_owner_model(paths, progress=said.append)
+    assert owner == stack.owner_dir(paths) / "model"
+    assert (owner / stack.PREPARED_WEIGHTS).read_bytes() == weights
+    assert not paths.default_model_dir.exists()
+    assert [line for line in said if line.startswith(f"moved {paths.default_model_dir}")]
+    # A plain `up` built DIR/model again; the next sealed `up` removes it, and says so.
+    plain_up_model()
+    said.clear()
+    assert stack.ensure_owner_model(paths, progress=said.append) == owner
+    assert not paths.default_model_dir.exists()
+    assert [line for line in said if line.startswith(f"removed {paths.default_model_dir}")]
+    parent_side = [
+        path
+        for path in tmp_path.rglob("*")
+        if path.is_file() and stack.owner_dir(paths) not in path.parents
+    ]
+    assert not [path for path in parent_side if weights in path.read_bytes()]
+
+
 # ---- app root, measure, restart enclave ----------------------------------------------------------
 
 # An enclave application that records where it runs from, then serves its socket after a pause

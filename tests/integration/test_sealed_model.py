@@ -7,6 +7,7 @@ the baked model, and refuse every tampering the parent can attempt with the chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -376,6 +377,37 @@ def test_an_enclave_of_other_pcrs_gets_no_model_key(
         os.killpg(nsm.pid, signal.SIGTERM)
         nsm.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _feed_retries(log: Path) -> int:
+    count = 0
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            count += json.loads(line).get("event") == "model_feed_retry"
+    return count
+
+
+def test_an_enclave_that_boots_before_its_feed_waits_for_it(sealed: Sealed) -> None:
+    paths = sealed.paths
+    os.killpg(stack.component_pid(paths, "feed"), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while stack.component_pid(paths, "feed") is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = paths.log("enclave")
+    before = _feed_retries(log)
+
+    def start_the_feed_once_the_enclave_waits() -> None:
+        until = time.monotonic() + 120
+        while _feed_retries(log) == before and time.monotonic() < until:
+            time.sleep(0.2)
+        stack.start_feed(paths, stack.sealed_model_dir(paths))
+
+    starter = threading.Thread(target=start_the_feed_once_the_enclave_waits, daemon=True)
+    starter.start()
+    stack.restart_enclave(paths, timeout=180)
+    starter.join(30)
+    assert _ready(sealed) == {"ready": True, "model": "fast"}
+    assert _feed_retries(log) > before
 
 
 # ---- the real enclave process, refused at boot (last: it leaves the stack unready) ------------

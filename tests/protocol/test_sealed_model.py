@@ -340,3 +340,34 @@ def test_the_measured_configuration_pins_a_sealed_model_whole() -> None:
     ):
         with pytest.raises(ConfigError):
             EnclaveConfig.from_json(bad)
+
+
+def test_a_file_not_kept_is_verified_but_holds_no_plaintext(tmp_path: Path) -> None:
+    import tracemalloc
+
+    src = tmp_path / "big"
+    src.mkdir()
+    plain = os.urandom(64 * CHUNK + 5)
+    (src / "weights.bin").write_bytes(plain)
+    key = os.urandom(32)
+    manifest = sm.seal_directory(src, tmp_path / "sealed", _wrap(key), CHUNK)
+    data = (tmp_path / "sealed" / sm.sealed_file_name(0)).read_bytes()
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    tracemalloc.start()
+    try:
+        opened = sm.unseal_file(AESGCM(key), manifest, 0, pieces, keep=False)
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert opened == bytearray() and peak < 8 * CHUNK  # a few chunks at most, of 64
+    assert bytes(sm.unseal_file(AESGCM(key), manifest, 0, pieces)) == plain
+    flipped = bytearray(data)
+    flipped[sm.HEADER.size + 7] ^= 1
+    _refused(
+        ErrorCode.MODEL_CHUNK_CORRUPT,
+        lambda: sm.unseal_file(AESGCM(key), manifest, 0, [bytes(flipped)], keep=False),
+    )
+    _refused(
+        ErrorCode.MODEL_TRUNCATED,
+        lambda: sm.unseal_file(AESGCM(key), manifest, 0, [data[: len(data) // 2]], keep=False),
+    )

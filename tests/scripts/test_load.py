@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import http.server
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -78,6 +82,94 @@ def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert [load.percentile(values, q) for q in (0.5, 0.95, 0.99)] == [50.0, 95.0, 99.0]
     assert load.percentile([], 0.5) is None
+
+
+def _request(keys: Any, session: str) -> Any:
+    from protocol import envelope
+
+    header = envelope.Header(
+        key_id="arn:aws:kms:us-east-1:111122223333:key/load",
+        session=session,
+        request_id=envelope.b64url(os.urandom(envelope.REQUEST_ID_BYTES)),
+        sent_at=int(time.time() * 1000),
+        stream=False,
+    )
+    return envelope.seal_request(keys, header, b"edk", {"prompt": "q"})
+
+
+def test_only_an_answer_that_fails_its_own_request_is_cross_talk() -> None:
+    """Real answers over a real HTTP connection, read by the client library: one sealed for this
+    request, one sealed for another request of the same conversation, and one whose connection
+    breaks mid-answer. All but the first are answer_invalid; only the second is cross-talk."""
+    import urllib3
+
+    from chatbot import client as chat
+    from chatbot.profile import ClientSettings
+    from protocol import envelope
+    from protocol.messages import CONTENT_JSON
+
+    session = envelope.b64url(os.urandom(envelope.SESSION_BYTES))
+    keys = envelope.derive_keys(os.urandom(32), session)
+    mine, other = _request(keys, session), _request(keys, session)
+    content = {
+        "text": "an answer",
+        "tokens": 2,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+    }
+    bodies = {
+        "/mine": json.dumps(envelope.seal_answer(keys, mine, 0, True, content)).encode(),
+        "/other": json.dumps(envelope.seal_answer(keys, other, 0, True, content)).encode(),
+    }
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            body = bodies.get(self.path, bodies["/mine"])
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_JSON)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path == "/broken":  # half the answer, then the connection drops
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings = ClientSettings(proxy_url="https://127.0.0.1:1", key_id="k", region="us-east-1")
+    pool = urllib3.PoolManager(retries=False)
+    tally = load.Tally()
+
+    def ask(path: str) -> None:
+        url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+        response = pool.request("GET", url, preload_content=False, timeout=10)
+        try:
+            deadline = time.monotonic() + 10
+            for _chunk in chat._read_answer(response, mine, keys, settings, deadline):
+                pass
+        except chat.ChatError as exc:
+            load.count_failure(tally, exc)
+        finally:
+            response.release_conn()
+
+    try:
+        ask("/mine")
+        assert tally.requests == 0  # the harness opens a real answer to its own request
+        ask("/broken")
+        assert (tally.requests, tally.cross_talk) == (1, 0)
+        ask("/other")
+        assert (tally.requests, tally.cross_talk) == (2, 1)
+        assert tally.errors == load.Counter({"answer_invalid": 2})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.mark.integration
