@@ -209,24 +209,32 @@ class _Int8Linear:
 
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
         """x @ W.T + b; the matrix products run on `threads` threads (the rest on the caller's)."""
-        # amin and amax are vectorized; aminmax along a dimension is several times slower.
-        low = x.amin(dim=1, keepdim=True)
-        span = x.amax(dim=1, keepdim=True).sub_(low).clamp_min_(1e-30)  # a constant row: zeros
+        if x.shape[0] == 1:
+            # One row (batch-1 decode): one pass for both ends, the same numbers as below.
+            low, high = torch.aminmax(x)
+        else:
+            # amin and amax are vectorized; aminmax along a dimension is several times slower.
+            low = x.amin(dim=1, keepdim=True)
+            high = x.amax(dim=1, keepdim=True)
+        span = high.sub_(low).clamp_min_(1e-30)  # a constant row: zeros
         unit = (x - low).div_(span)
         # reduce_range (7-bit activations) keeps AVX2's 16-bit pair sums from saturating.
         # The rest is elementwise (no matrix product), so that a row's result never depends on M.
         if len(self.packed) == 1:
             with _Threads(threads):
                 y = torch.ops.quantized.linear_dynamic(unit, self.packed[0], True)
+            if low.dim() == 0:  # one row: the scalars broadcast into [N], the same products
+                return torch.addcmul(self.bias, low, self.rowsum).addcmul_(y[0], span)[None]
             return torch.addcmul(self.bias, low, self.rowsum).addcmul_(y, span)
         # The output layer (250880 columns): each slice finished while its product is in cache.
         out = torch.empty((x.shape[0], self.rowsum.shape[0]))
+        rows = out[0] if low.dim() == 0 else out  # one row: [N] for the scalars, as above
         with _Threads(threads):
             for (start, end), packed in zip(self.bounds, self.packed, strict=True):
                 y = torch.ops.quantized.linear_dynamic(unit, packed, True)
-                part = out[:, start:end]
+                part = rows[..., start:end]
                 torch.addcmul(self.bias[start:end], low, self.rowsum[start:end], out=part)
-                part.addcmul_(y, span)
+                part.addcmul_(y[0] if low.dim() == 0 else y, span)
         return out
 
 
@@ -517,11 +525,16 @@ class BloomForward:
         for index, layer in enumerate(self.layers):
             h = torch.nn.functional.layer_norm(x, (hidden,), layer.ln1_w, layer.ln1_b, eps)
             qkv = layer.qkv(h, threads).view(rows, n_head, 3, head_dim)
-            parts = [
-                self._attend(item.cache, index, position, qkv[start : start + count])
-                for item, (start, count, position) in zip(work, spans, strict=True)
-            ]
-            context = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(rows, hidden)
+            if len(work) == 1:  # one sequence (batch-1 decode): no split, no concatenation
+                context = self._attend(work[0].cache, index, spans[0][2], qkv)
+            else:
+                context = torch.cat(
+                    [
+                        self._attend(item.cache, index, position, qkv[start : start + count])
+                        for item, (start, count, position) in zip(work, spans, strict=True)
+                    ]
+                )
+            context = context.reshape(rows, hidden)
             x = layer.dense(context, threads).add_(x)
             h = torch.nn.functional.layer_norm(x, (hidden,), layer.ln2_w, layer.ln2_b, eps)
             # BLOOM's GELU is the tanh approximation.
@@ -532,8 +545,11 @@ class BloomForward:
         wanted = [i for i, item in enumerate(work) if item.want_logits]
         out: list[torch.Tensor | None] = [None] * len(work)
         if wanted:
-            last = torch.tensor([spans[i][0] + spans[i][1] - 1 for i in wanted])
-            h = torch.nn.functional.layer_norm(x[last], (hidden,), *self.ln_f, eps)
+            if len(work) == 1:
+                h = x[rows - 1 :]
+            else:
+                h = x[torch.tensor([spans[i][0] + spans[i][1] - 1 for i in wanted])]
+            h = torch.nn.functional.layer_norm(h, (hidden,), *self.ln_f, eps)
             logits = self.lm_head(h, threads)
             for row, i in enumerate(wanted):
                 out[i] = logits[row]
@@ -550,8 +566,6 @@ class BloomForward:
             # Causal: query i (at position + i) sees keys up to position + i.
             mask = torch.ones((count, end), dtype=torch.bool).triu_(position + 1)
             bias = bias.masked_fill(mask, -math.inf)
-        else:
-            bias = bias.expand(-1, 1, -1)
         scores = torch.baddbmm(
             bias, qkv[:, :, 0].transpose(0, 1), kv[0, :, :end].transpose(1, 2), alpha=self.inv_norm
         )
