@@ -234,9 +234,18 @@ def test_kms_down_is_kms_unavailable_naming_the_vsock_proxy_and_recovers(
 
 
 @pytest.fixture
-def impatient_proxy(local: Local, cli: Any, processes: Any) -> Iterator[str]:
-    """A second proxy on the same enclave whose relay timeout (1 s) is shorter than a long answer:
-    a configuration an operator can set, not a mock."""
+def impatient_proxy(local: Local, cli: Any, processes: Any, canary: Any) -> Iterator[str]:
+    """A second proxy on the same enclave whose relay timeout is a quarter of what a long answer
+    takes here (timed through the first proxy, so the margin holds on a fast machine and a busy
+    one alike): a configuration an operator can set, not a mock."""
+    key = new_data_key(local)
+    ask(local.proxy_url, local.ca, seal(local, key, f"{QUESTION} {canary.new()}"))  # warm
+    started = time.monotonic()
+    timed = ask(
+        local.proxy_url, local.ca, seal(local, key, f"{QUESTION} {canary.new()}", tokens=LONG)
+    )
+    assert timed.status == 200
+    relay_timeout = max(0.1, (time.monotonic() - started) / 4)
     port = stack.free_port()
     argv = [
         cli.path("parent-proxy"),
@@ -251,7 +260,7 @@ def impatient_proxy(local: Local, cli: Any, processes: Any) -> Iterator[str]:
         "--credentials-file",
         str(local.paths.parent_credentials),
         "--relay-timeout",
-        "1",
+        f"{relay_timeout:.2f}",
         "--workers",
         "1",
     ]
