@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -87,6 +88,19 @@ def units() -> dict[str, dict[str, dict[str, list[str]]]]:
     return {name: parse_unit(UNITS / name) for name in NAMES}
 
 
+def assert_runs_console_script(unit: Any, entry_point: str, environment_file: str) -> None:
+    """ExecStart is the checkout venv's console script for `entry_point` (installed when the
+    venv exists), settings come from `environment_file`, and the service does not run as root."""
+    script = in_checkout(one(unit, "Service", "ExecStart").split()[0])
+    assert script.parent == ROOT / ".venv" / "bin"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[script.name] == entry_point
+    if (ROOT / ".venv" / "bin").is_dir():  # `make test` runs from the venv
+        assert os.access(script, os.X_OK), f"{script} is not installed"
+    assert one(unit, "Service", "EnvironmentFile") == environment_file
+    assert one(unit, "Service", "User") not in ("root", "0")
+
+
 # ---- the proxy ---------------------------------------------------------------------------------
 
 
@@ -94,14 +108,7 @@ def test_the_proxy_unit_runs_the_console_script_as_its_own_user(units) -> None:
     proxy = units["nitro-llm-proxy.service"]
     exec_start = one(proxy, "Service", "ExecStart").split()
     assert len(exec_start) == 1  # every setting comes from the environment file
-    script = in_checkout(exec_start[0])
-    assert script.parent == ROOT / ".venv" / "bin"
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[script.name] == "parent_proxy.main:main"
-    if (ROOT / ".venv" / "bin").is_dir():  # `make test` runs from the venv
-        assert os.access(script, os.X_OK), f"{script} is not installed"
-    assert one(proxy, "Service", "EnvironmentFile") == "/etc/nitro-llm/proxy.env"
-    assert one(proxy, "Service", "User") not in ("root", "0")
+    assert_runs_console_script(proxy, "parent_proxy.main:main", "/etc/nitro-llm/proxy.env")
 
 
 def test_the_proxy_unit_is_hardened(units) -> None:
@@ -158,14 +165,9 @@ def test_the_model_feed_unit_runs_the_console_script_on_the_example_settings(
 
     unit = units["nitro-llm-model-feed.service"]
     argv = one(unit, "Service", "ExecStart").split()
-    script = in_checkout(argv[0])
-    assert script.parent == ROOT / ".venv" / "bin"
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[script.name] == "parent_proxy.model_feed:main"
-    if (ROOT / ".venv" / "bin").is_dir():  # `make test` runs from the venv
-        assert os.access(script, os.X_OK), f"{script} is not installed"
-    assert one(unit, "Service", "EnvironmentFile") == "/etc/nitro-llm/model-feed.env"
-    assert one(unit, "Service", "User") not in ("root", "0")
+    assert_runs_console_script(
+        unit, "parent_proxy.model_feed:main", "/etc/nitro-llm/model-feed.env"
+    )
     assert "nitro-llm-enclave.service" in one(unit, "Unit", "Before").split()
     # The example environment, as systemd hands it over, parsed by the feed's own parser.
     env = read_env_file(UNITS / "model-feed.env.example")
