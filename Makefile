@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint unit integration venv tiny-model demo bench clean
 
-$(STAMP): pyproject.toml
+# setup.py and the C file: `pip install -e .` compiles the fast engine's int8 kernel in place.
+$(STAMP): pyproject.toml setup.py enclave/_int8mm.c
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "installing nitro-llm and its test extras into $(VENV) (first run: about 2 minutes)"
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0

@@ -2,8 +2,9 @@
 
 Weights are prepared ahead (`scripts/save_model.py --quantize`): per-output-channel symmetric
 int8 for every linear layer and for the tied embedding / output layer. The matrix products run in
-fbgemm's int8 kernels with each row of activations quantized on its own (see `_Int8Linear`), so a
-sequence's numbers never depend on what it is batched with. docs/performance.md says why.
+our AVX2 kernel (`enclave/_int8mm.c`, see `_KernelLinear`) or, where it is not built or the CPU
+lacks AVX2, in fbgemm's (`_Int8Linear`); either way each row of activations is quantized on its
+own, so a sequence's numbers never depend on what it is batched with. docs/performance.md says why.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    from enclave import _int8mm
+except ImportError:  # not built (no compiler where it was installed): fbgemm instead
+    _int8mm = None
 
 PREPARED_FILE = "model-int8.safetensors"
 PREPARED_FORMAT = "nitro-llm-bloom-int8"
@@ -34,6 +41,17 @@ _LINEARS = (
     "self_attention.dense",
     "mlp.dense_h_to_4h",
     "mlp.dense_4h_to_h",
+)
+
+
+# The int8 kernel in use: "avx2" (ours) or "fbgemm" (torch's). NITRO_INT8_KERNEL=fbgemm chooses
+# torch's even where ours is built (to compare them).
+INT8_KERNEL = (
+    "avx2"
+    if _int8mm is not None
+    and _int8mm.supported()
+    and os.environ.get("NITRO_INT8_KERNEL", "avx2") != "fbgemm"
+    else "fbgemm"
 )
 
 
@@ -163,6 +181,56 @@ class _Fp32Linear:
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
         with _Threads(threads):
             return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _kernel_fits(columns: int) -> bool:
+    """Whether our kernel takes a matrix of this many columns (multiples of its 32-byte steps)."""
+    return INT8_KERNEL == "avx2" and columns % 32 == 0
+
+
+class _KernelLinear:
+    """x @ W.T + b with W int8 per output channel, in our AVX2 kernel (enclave/_int8mm.c).
+
+    The same arithmetic as `_Int8Linear` (each row mapped onto [0, 1] by its own minimum and
+    range, 7-bit codes, exact integer sums), done in one call: the row quantization, the product
+    and the undoing of the map. The kernel reads W as it lies, row after row (prefetching the rows
+    ahead), so W can stay in the file's mapping, shared with the embedding for the output layer:
+    no packed copy. At one or two rows it streams the weights about a third faster than fbgemm,
+    whose packed layout is made for larger batches (docs/performance.md).
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[0] != scale.shape[0]:
+            raise PreparedWeightsError("an int8 matrix and its scales differ in rows")
+        self.weight = qweight.contiguous()  # a view of the mapping when it already is
+        self.scale = (scale.float() / 127).contiguous()  # 7-bit codes: x' = code / 127
+        # In blocks: a sum in int32 converts its input first (1 GiB for the output layer at once).
+        sums = [
+            self.weight[start : start + PACK_SLICE_ROWS].sum(dim=1, dtype=torch.int32)
+            for start in range(0, self.weight.shape[0], PACK_SLICE_ROWS)
+        ]
+        self.rowsum = (torch.cat(sums).float() * scale).contiguous()
+        self.bias = (bias if bias is not None else torch.zeros_like(self.rowsum)).float()
+        self.bias = self.bias.contiguous()
+
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """x @ W.T + b; the product runs on `threads` threads (the caller's and the kernel's)."""
+        x = x.float().contiguous()
+        rows, columns = x.shape
+        out = torch.empty((rows, self.weight.shape[0]))
+        _int8mm.linear(
+            x.data_ptr(),
+            rows,
+            columns,
+            self.weight.data_ptr(),
+            self.weight.shape[0],
+            self.scale.data_ptr(),
+            self.rowsum.data_ptr(),
+            self.bias.data_ptr(),
+            out.data_ptr(),
+            threads,
+        )
+        return out
 
 
 class _Int8Linear:
@@ -388,20 +456,26 @@ class BloomForward:
                 with safe_open(path, framework="pt") as f:
                     yield f.get_slice(name)[start : start + PACK_SLICE_ROWS]
 
-        def linear(base: str, bias: bool = True) -> _Int8Linear:
+        # The embedding's rows are read in place from a mapping of their own: only the rows of
+        # tokens actually seen become resident (all of them once our kernel uses it as the
+        # output layer, still without a copy).
+        with safe_open(path, framework="pt") as f:
+            embedding = f.get_tensor("word_embeddings.qweight")
+
+        def linear(base: str, bias: bool = True) -> _Int8Linear | _KernelLinear:
             scale = take(f"{base}.scale")
-            return _Int8Linear(
-                blocks(f"{base}.qweight", scale.shape[0]),
-                scale,
-                take(f"{base}.bias") if bias else None,
-            )
+            bias_ = take(f"{base}.bias") if bias else None
+            if base == "word_embeddings" and _kernel_fits(embedding.shape[1]):
+                return _KernelLinear(embedding, scale, bias_)
+            if _kernel_fits(shape.hidden_size):
+                if f"{base}.qweight" not in names:
+                    raise PreparedWeightsError(f"{path} lacks {base}.qweight")
+                with safe_open(path, framework="pt") as f:  # in place, in the file's mapping
+                    return _KernelLinear(f.get_tensor(f"{base}.qweight"), scale, bias_)
+            return _Int8Linear(blocks(f"{base}.qweight", scale.shape[0]), scale, bias_)
 
         layers = [cls._layer(take, linear, f"h.{i}") for i in range(shape.n_layer)]
         lm_head = linear("word_embeddings", bias=False)
-        # The embedding's rows are read in place from a mapping of their own: only the rows of
-        # tokens actually seen become resident.
-        with safe_open(path, framework="pt") as f:
-            embedding = f.get_tensor("word_embeddings.qweight")
         tensors = {
             name: take(name)
             for name in (
@@ -420,8 +494,9 @@ class BloomForward:
         """The int8 model from the bytes of config.json and model-int8.safetensors, in memory.
 
         For a sealed model decrypted inside the enclave: nothing is read from or written to a
-        disk. The weights are parsed by safetensors (one copy); each int8 matrix is dropped as
-        soon as fbgemm packed it, so the peak is about twice the file.
+        disk. The weights are parsed by safetensors (one copy), which our kernel uses as they
+        are; with fbgemm each int8 matrix is dropped as soon as it is packed. Either way the peak
+        is about twice the file (the bytes and the parsed copy).
         """
         from safetensors.torch import load
 
@@ -446,12 +521,15 @@ class BloomForward:
                 raise PreparedWeightsError(f"{PREPARED_FILE} lacks {name}")
             return state[name]
 
-        def linear(base: str, bias: bool = True) -> _Int8Linear:
+        def linear(base: str, bias: bool = True) -> _Int8Linear | _KernelLinear:
             scale = take(f"{base}.scale")
             qweight = take(f"{base}.qweight")
+            bias_ = take(f"{base}.bias") if bias else None
+            if _kernel_fits(shape.hidden_size):
+                return _KernelLinear(qweight, scale, bias_)  # used as it is, no copy
             if base != "word_embeddings":
                 del state[f"{base}.qweight"]  # packed below; the dict's copy is not needed
-            return _Int8Linear.of(qweight, scale, take(f"{base}.bias") if bias else None)
+            return _Int8Linear.of(qweight, scale, bias_)
 
         layers = [cls._layer(take, linear, f"h.{i}") for i in range(shape.n_layer)]
         lm_head = linear("word_embeddings", bias=False)

@@ -1,0 +1,122 @@
+"""Tests for enclave/_int8mm.c through `_KernelLinear`: the fast engine's AVX2 int8 product."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from enclave import fast_engine
+from enclave.fast_engine import _Int8Linear, _KernelLinear, quantize_rows
+
+
+def cpu_has_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return "avx2" in flags and "fma" in flags
+
+
+requires_kernel = pytest.mark.skipif(
+    fast_engine._int8mm is None or not cpu_has_avx2(), reason="no AVX2 kernel on this machine"
+)
+
+
+def test_the_kernel_is_built_and_chosen_where_the_cpu_has_avx2() -> None:
+    # `make venv` (pip install -e .) compiles it; a broken build must not pass silently as
+    # "fbgemm", which is a third slower at batch 1.
+    if not cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: fbgemm is the right choice")
+    assert fast_engine._int8mm is not None, "enclave/_int8mm.c was not built (make venv)"
+    if os.environ.get("NITRO_INT8_KERNEL") != "fbgemm":
+        assert fast_engine.INT8_KERNEL == "avx2"
+
+
+def layer_and_weight(rows_out: int, columns: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn((rows_out, columns), generator=generator)
+    bias = torch.randn(rows_out, generator=generator)
+    qweight, scale = quantize_rows(weight)
+    return qweight, scale, bias, weight, generator
+
+
+@requires_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 17])
+def test_rows_do_not_depend_on_their_batch_mates_or_the_threads(rows: int, threads: int) -> None:
+    # 263 outputs: blocks of four, the tail of three, and thread shares of unequal length.
+    qweight, scale, bias, weight, generator = layer_and_weight(263, 192, rows)
+    layer = _KernelLinear(qweight, scale, bias)
+    x = torch.randn((rows, 192), generator=generator) * torch.linspace(0.1, 30, rows)[:, None]
+    together = layer(x, threads)
+    alone = torch.cat([layer(x[i : i + 1], 1) for i in range(rows)])
+    assert torch.equal(together, alone)
+    exact = x @ weight.T + bias
+    assert float((together - exact).norm() / (exact - bias).norm()) < 0.02
+
+
+@requires_kernel
+@pytest.mark.parametrize("columns", [32, 1024, 4096])
+def test_it_is_as_accurate_as_fbgemm(columns: int) -> None:
+    # The same arithmetic (7-bit codes of each row mapped onto [0, 1], exact integer sums); the
+    # two round a code differently now and then (x * 127 / span against x / (1 / 127)).
+    qweight, scale, bias, weight, generator = layer_and_weight(520, columns, columns)
+    ours = _KernelLinear(qweight, scale, bias)
+    theirs = _Int8Linear.of(qweight, scale, bias)
+    x = torch.randn((5, columns), generator=generator) * 4 + 1
+    exact = x @ weight.T + bias
+
+    def error(y: torch.Tensor) -> float:
+        return float((y - exact).norm() / (exact - bias).norm())
+
+    assert error(ours(x, 2)) < 0.02
+    assert error(ours(x, 2)) < 1.05 * error(theirs(x, 2))
+    assert float((ours(x, 2) - theirs(x, 2)).norm() / (exact - bias).norm()) < 0.005
+
+
+@requires_kernel
+def test_a_constant_row_is_its_value_times_the_row_sums() -> None:
+    qweight, scale, bias, weight, _ = layer_and_weight(40, 64, 7)
+    layer = _KernelLinear(qweight, scale, bias)
+    x = torch.full((1, 64), 2.5)
+    expected = bias + 2.5 * qweight.sum(dim=1).float() * scale
+    assert torch.allclose(layer(x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_kernel
+def test_bad_shapes_are_refused() -> None:
+    qweight, scale, bias, _, _ = layer_and_weight(8, 48, 1)  # 48 columns: not steps of 32
+    layer = _KernelLinear(qweight, scale, bias)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        layer(torch.ones((1, 48)))
+    with pytest.raises(fast_engine.PreparedWeightsError, match="differ in rows"):
+        _KernelLinear(qweight, scale[:4], bias)
+
+
+_FORKED: dict = {}  # what the forked child inherits: no torch operation runs in it but ours
+
+
+def _in_child(queue) -> None:
+    layer, x = _FORKED["layer"], _FORKED["x"]
+    queue.put(layer(x, 2).sum().item())
+
+
+@requires_kernel
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    # The parent's pool threads do not exist in a forked child; waiting for them would hang.
+    qweight, scale, bias, _, generator = layer_and_weight(300, 128, 3)
+    layer = _KernelLinear(qweight, scale, bias)
+    x = torch.randn((3, 128), generator=generator)
+    expected = layer(x, 2).sum().item()  # the pool runs here first
+    _FORKED.update(layer=layer, x=x)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the kernel")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == expected
