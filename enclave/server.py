@@ -110,7 +110,12 @@ class EnclaveServer:
             self.load_error = exc.code.code if isinstance(exc, NitroError) else type(exc).__name__
             event(log, "model_load_failed", logging.ERROR, error=self.load_error)
             return
-        event(log, "model_loaded", model=self.engine.name, ms=timer.ms())
+        kernel = {}
+        if self.engine.name == "fast":  # which int8 kernel runs it: ours (avx2) or fbgemm
+            from enclave.fast_engine import INT8_KERNEL
+
+            kernel["int8_kernel"] = INT8_KERNEL
+        event(log, "model_loaded", model=self.engine.name, ms=timer.ms(), **kernel)
 
     def serve(self, address: Address, ready: threading.Event | None = None) -> None:
         """Accept connections until `shutdown()`; the model loads in the background."""
