@@ -120,3 +120,25 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
         pytest.fail("the forked child hung in the kernel")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == expected
+
+
+def test_a_resident_matrix_is_its_blocks_on_huge_page_boundaries() -> None:
+    qweight, _, _, _, _ = layer_and_weight(300, 64, 5)
+    blocks = [qweight[:128], qweight[128:256], qweight[256:]]
+    matrix = fast_engine._resident_int8(iter(blocks), 300)
+    assert torch.equal(matrix, qweight)
+    assert matrix.data_ptr() % (2 << 20) == 0  # so the kernel may back it with 2 MiB pages
+    with pytest.raises(fast_engine.PreparedWeightsError, match="differ in rows"):
+        fast_engine._resident_int8(iter(blocks), 299)
+    with pytest.raises(fast_engine.PreparedWeightsError, match="differ in rows"):
+        fast_engine._resident_int8(iter(blocks[:2]), 300)
+
+
+@requires_kernel
+def test_the_output_layer_and_the_embedding_share_one_matrix(tiny_model_dir: Path) -> None:
+    from enclave.fast_engine import BloomForward
+
+    prepared = BloomForward.from_prepared(tiny_model_dir)
+    assert isinstance(prepared.lm_head, _KernelLinear)
+    assert prepared.embedding.data_ptr() == prepared.lm_head.weight.data_ptr()
+    assert all(isinstance(layer.down, _KernelLinear) for layer in prepared.layers)
