@@ -89,6 +89,12 @@ fi
 
 SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)}"
 export SOURCE_DATE_EPOCH
+# The base image (OS + venv) is stamped with the time of the last commit that changed its inputs
+# (enclave_base/), not the checkout's. Docker's layer cache matches a COPY by content and ignores
+# times, so a cached venv layer keeps the times of the build that made it: those must be the
+# times a build from scratch gives today, or two builds of one commit differ (docs/reproducibility.md).
+BASE_EPOCH="${SOURCE_DATE_EPOCH_BASE:-$(git -C "$ROOT" log -1 --format=%ct -- enclave_base 2>/dev/null)}"
+BASE_EPOCH="${BASE_EPOCH:-$SOURCE_DATE_EPOCH}"
 BUILD="$ROOT/build/enclave-image"
 rm -rf "$BUILD"
 mkdir -p "$BUILD/base" "$BUILD/app/app/config" "$WHEELHOUSE"
@@ -183,23 +189,23 @@ elif [ "$staged" != 0 ]; then
 fi
 
 # Same bytes, same times, same modes, whoever checked out the files and when.
-normalize() {
-    find "$1" -exec chmod u=rwX,go=rX {} + -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+normalize() {  # normalize DIR EPOCH
+    find "$1" -exec chmod u=rwX,go=rX {} + -exec touch -h -d "@$2" {} +
 }
-normalize "$BUILD/base"
+normalize "$BUILD/base" "$BASE_EPOCH"
 
-build_image() {  # build_image DOCKERFILE CONTEXT TAG BUILD-ARGS...
-    local dockerfile="$1" context="$2" tag="$3" started
-    shift 3
+build_image() {  # build_image DOCKERFILE CONTEXT TAG EPOCH DOCKER-BUILD-ARGS...
+    local dockerfile="$1" context="$2" tag="$3" epoch="$4" started
+    shift 4
     started=$(date +%s)
     say "docker build $tag (no network)"
     # The legacy builder: Debian's docker.io has no BuildKit client; its builds are plain layers.
-    DOCKER_BUILDKIT=0 docker build --network none "${NO_CACHE[@]}" --quiet --file "$dockerfile" --tag "$tag" \
-        --build-arg "SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH" "$@" "$context" >/dev/null
+    DOCKER_BUILDKIT=0 docker build --network none --quiet --file "$dockerfile" --tag "$tag" \
+        --build-arg "SOURCE_DATE_EPOCH=$epoch" "$@" "$context" >/dev/null
     say "built $tag in $(( $(date +%s) - started )) s"
 }
-build_image "$ROOT/enclave_base/Dockerfile" "$BUILD/base" "$BASE_TAG" \
-    --build-arg "BASE_IMAGE=$BASE_IMAGE"
+build_image "$ROOT/enclave_base/Dockerfile" "$BUILD/base" "$BASE_TAG" "$BASE_EPOCH" \
+    "${NO_CACHE[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE"
 
 # ---- the enclave image ------------------------------------------------------------------------
 tar -C "$APP_ROOT" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' -cf - enclave protocol \
@@ -239,8 +245,11 @@ kept = sorted(p.name for p in dest.iterdir())
 print(f"build_enclave: model files in the image: {', '.join(kept)}", file=sys.stderr)
 PYEOF
 fi
-normalize "$BUILD/app"
-build_image "$ROOT/Dockerfile.enclave" "$BUILD/app" "$TAG" --build-arg "BASE=$BASE_TAG"
+normalize "$BUILD/app" "$SOURCE_DATE_EPOCH"
+# Always from scratch (a few seconds): a cached `COPY app/...` layer would keep the times of an
+# earlier commit whose files had the same content.
+build_image "$ROOT/Dockerfile.enclave" "$BUILD/app" "$TAG" "$SOURCE_DATE_EPOCH" --no-cache \
+    --build-arg "BASE=$BASE_TAG"
 docker image inspect --format '{{.Size}}' "$TAG" \
     | awk -v t="$TAG" '{printf "build_enclave: %s is %.0f MiB\n", t, $1 / 1048576}' >&2
 
