@@ -214,7 +214,8 @@ def format_table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         )
     lines.append(
         f"nitro-llm bench: {meta.get('prompt_tokens', PROMPT_TOKENS)}-token prompt, "
-        f"{NEW_TOKENS} new tokens, fast backend = {fast_label}, "
+        f"{NEW_TOKENS} new tokens, fast backend = {fast_label} "
+        f"(int8 kernel {meta.get('int8_kernel', '?')}), "
         f"{meta.get('cpus', '?')} CPUs, torch {meta.get('torch', '?')}"
     )
     width = max(len(label) for label, _key, _fmt in MEASUREMENTS)
@@ -763,6 +764,13 @@ def local_stack(model_dir: Path, log_copy: Path) -> Iterator[RunningStack]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _int8_kernel() -> str:
+    """The fast engine's int8 kernel in this environment: avx2 (ours) or fbgemm."""
+    from enclave.fast_engine import INT8_KERNEL
+
+    return INT8_KERNEL
+
+
 def _loaded_engine(log: Path) -> str | None:
     """The engine the enclave logged as loaded (its `model_loaded` event)."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
@@ -1154,6 +1162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     measured: dict[str, Any] = {}
     meta: dict[str, Any] = {
         "fast_backend": backends.fast_label,
+        "int8_kernel": _int8_kernel(),
         "fast_is_stand_in": not backends.fast_available,
         "prompt_tokens": prompt_tokens,
         "new_tokens": NEW_TOKENS,

@@ -130,11 +130,14 @@ def test_table_shows_values_statuses_and_the_stand_in_note() -> None:
         {
             "fast_backend": "reference (stand-in)",
             "fast_is_stand_in": True,
+            "int8_kernel": "fbgemm",
             "prompt_tokens": 32,
             "weight_bytes": {"reference": 2_000_000_000, "fast": 500_000_000},
         },
     )
     table = bench.format_table(doc, doc["targets"])
+    header = next(line for line in table.splitlines() if line.startswith("nitro-llm bench:"))
+    assert "(int8 kernel fbgemm)" in header  # which product the numbers are of
     # Batch-1 decode reads all weights once per token: the bandwidth it used.
     assert "(reference: 2.00 GB of weights per token at batch 1 = 14.0 GB/s)" in table
     assert "(fast: 0.50 GB of weights per token at batch 1 = 3.5 GB/s)" in table
