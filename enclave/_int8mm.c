@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -168,10 +169,12 @@ __attribute__((target("avx2,fma"))) static void quantize(const float *x, int64_t
     for (int64_t m = 0; m < m_all; m++) {
         const float *row = x + m * k;
         __m256 lo = _mm256_loadu_ps(row), hi = lo;
+        __m256 nan = _mm256_cmp_ps(lo, lo, _CMP_UNORD_Q);
         for (int64_t i = 8; i < k; i += 8) {
             __m256 v = _mm256_loadu_ps(row + i);
             lo = _mm256_min_ps(lo, v);
             hi = _mm256_max_ps(hi, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         }
         float l[8], h[8];
         _mm256_storeu_ps(l, lo);
@@ -182,9 +185,13 @@ __attribute__((target("avx2,fma"))) static void quantize(const float *x, int64_t
             mx = h[i] > mx ? h[i] : mx;
         }
         float s = mx - mn;
-        if (!(s > 1e-30f)) s = 1e-30f; /* a constant row (or NaN): codes of zero */
+        if (!(s > 1e-30f)) s = 1e-30f; /* a constant row: codes of zero */
         low[m] = mn;
         span[m] = s;
+        if (_mm256_movemask_ps(nan)) { /* a NaN in the row: its outputs are NaN, as in fbgemm's */
+            low[m] = span[m] = __builtin_nanf("");
+            mn = 0.0f, s = 1.0f; /* codes from the other values, never used */
+        }
         const __m256 vlow = _mm256_set1_ps(mn), vmul = _mm256_set1_ps(127.0f / s);
         const __m256 vmax = _mm256_set1_ps(127.0f), vzero = _mm256_setzero_ps();
         uint8_t *out = q + m * k;
@@ -275,34 +282,34 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         free(q), free(low), free(span);
         return PyErr_NoMemory();
     }
-    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&call_lock);
     quantize((const float *)x, m, k, q, low, span);
+    /* A worker that could not be started (out of threads) is done without: fewer parts, the
+     * same results (every output is computed the same way whichever thread owns it). */
+    if (threads > 1 && ensure_workers(threads - 1) != 0) threads = workers + 1;
     job = (job_t){q, m, k, n, (const int8_t *)w, (const float *)scale, (const float *)rowsum,
                   (const float *)bias, low, span, (float *)out, threads};
-    if (threads > 1 && ensure_workers(threads - 1) != 0) failed = 1;
-    if (!failed) {
-        int helpers = threads - 1;
-        atomic_store(&finished, 0);
-        if (helpers > 0) {
-            atomic_fetch_add_explicit(&generation, 1, memory_order_release);
-            pthread_mutex_lock(&pool_lock);
-            if (sleepers) pthread_cond_broadcast(&pool_wake);
-            pthread_mutex_unlock(&pool_lock);
-        }
-        run_part(&job, 0);
-        /* every started worker answers each generation, parts beyond `threads` do nothing */
-        while (helpers > 0 && atomic_load_explicit(&finished, memory_order_acquire) < workers)
+    atomic_store(&finished, 0);
+    if (threads > 1) {
+        atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+        pthread_mutex_lock(&pool_lock);
+        if (sleepers) pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_lock);
+    }
+    run_part(&job, 0);
+    /* Every started worker answers each generation (parts beyond `threads` do nothing). Spin a
+     * little, then yield: a descheduled worker must not cost the caller its whole time slice. */
+    for (int spin = 0;
+         threads > 1 && atomic_load_explicit(&finished, memory_order_acquire) < workers; spin++) {
+        if (spin < SPIN_ROUNDS)
             _mm_pause();
+        else
+            sched_yield();
     }
     pthread_mutex_unlock(&call_lock);
     Py_END_ALLOW_THREADS
     free(q), free(low), free(span);
-    if (failed) {
-        PyErr_SetString(PyExc_RuntimeError, "int8 linear: could not start a worker thread");
-        return NULL;
-    }
     Py_RETURN_NONE;
 }
 

@@ -249,12 +249,17 @@ class _KernelLinear:
         self.rowsum = (torch.cat(sums).float() * scale).contiguous()
         self.bias = (bias if bias is not None else torch.zeros_like(self.rowsum)).float()
         self.bias = self.bias.contiguous()
+        if self.bias.shape != self.rowsum.shape:
+            raise PreparedWeightsError("an int8 matrix and its bias differ in rows")
 
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
         """x @ W.T + b; the product runs on `threads` threads (the caller's and the kernel's)."""
-        x = x.float().contiguous()
+        # The kernel trusts these sizes: a wrong one would read past the ends of the buffers.
+        if x.dim() != 2 or x.shape[1] != self.weight.shape[1] or x.shape[0] < 1:
+            raise ValueError(f"int8 linear: input {tuple(x.shape)} for {tuple(self.weight.shape)}")
+        x = x.to(torch.float32).contiguous()
         rows, columns = x.shape
-        out = torch.empty((rows, self.weight.shape[0]))
+        out = torch.empty((rows, self.weight.shape[0]), dtype=torch.float32)
         _int8mm.linear(
             x.data_ptr(),
             rows,
@@ -530,7 +535,7 @@ class BloomForward:
         For a sealed model decrypted inside the enclave: nothing is read from or written to a
         disk. The weights are parsed by safetensors (one copy); each int8 matrix is dropped as
         soon as it is copied onto huge pages for our kernel (or packed for fbgemm), so the peak
-        is about twice the file (the bytes and the parsed copy).
+        is about twice the file (the bytes and the parsed copy) plus the output layer's copy.
         """
         from safetensors.torch import load
 

@@ -214,6 +214,9 @@ tar -C "$APP_ROOT" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' -cf 
 # paths, so that two hosts with the same gcc put the same bytes in the image (and the same PCRs).
 # Without a compiler the image runs fbgemm's kernels, about a sixth slower at one request.
 KERNEL_SO="$BUILD/app/app/enclave/_int8mm$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+# The image runs Python 3.11: a kernel built against other headers would not load there.
+[ "$("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" = True ] \
+    || die "$PY is not Python 3.11, the image's: build with a 3.11 venv (PY=.venv/bin/python)"
 if command -v gcc >/dev/null; then
     gcc -O3 -std=c11 -fPIC -shared -pthread -g0 -fno-ident -Wl,--build-id=none \
         -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
