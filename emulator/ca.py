@@ -7,8 +7,10 @@ directory, so that a restarted emulator keeps the root that key policies and cli
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from emulator.files import atomic_write
 
@@ -80,8 +82,12 @@ def _issue(
     path_length: int | None,
     *,
     ca: bool,
+    hosts: Sequence[str] = (),
 ) -> _Issued:
-    """A new P-384 key and its certificate, signed by `issuer` (self-signed when None)."""
+    """A new P-384 key and its certificate, signed by `issuer` (self-signed when None).
+
+    `hosts` (DNS names or IP addresses) makes it a TLS server's certificate for them.
+    """
     key = ec.generate_private_key(ec.SECP384R1())
     subject = _name(common_name)
     signer_key = issuer.key if issuer else key
@@ -109,7 +115,42 @@ def _issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
             critical=False,
         )
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     return _Issued(builder.sign(signer_key, hashes.SHA384()), key)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def issue_server_tls(
+    directory: Path, hosts: Sequence[str], lifetime: dt.timedelta = dt.timedelta(days=1)
+) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a TLS server certificate it signed for `hosts`: (ca, cert, key) files.
+
+    For servers that tests and `make image-test` stand up (a proxy, a KMS endpoint): clients
+    trust ca.pem alone. Written into `directory` (made 0700) as ca.pem, cert.pem and key.pem
+    (0600). The local stack's own proxy certificate is `emulator.stack.ensure_tls_cert`'s.
+    """
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    authority = _issue("nitro-llm test TLS CA", None, lifetime, 0, ca=True)
+    server = _issue(hosts[0], authority, lifetime, None, ca=False, hosts=hosts)
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    encoding = serialization.Encoding.PEM
+    atomic_write(paths[0], authority.cert.public_bytes(encoding), 0o644)
+    atomic_write(paths[1], server.cert.public_bytes(encoding), 0o644)
+    key_pem = server.key.private_bytes(
+        encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    atomic_write(paths[2], key_pem, 0o600)
+    return paths
 
 
 class LocalCA:

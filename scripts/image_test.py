@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emulator import stack  # noqa: E402
+from emulator.ca import issue_server_tls  # noqa: E402
 from enclave.forwarder import Forwarder  # noqa: E402
 from protocol.transport import Address  # noqa: E402
 
@@ -77,61 +78,6 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
 
 
 # ---- the KMS side: TLS as KMS speaks it, reached through the stand-in for vsock-proxy ----------
-
-
-def make_kms_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a certificate for kms.<region>.amazonaws.com signed by it: (ca, cert, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    directory.mkdir(mode=0o700, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "image-test KMS CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, KMS_HOST)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(KMS_HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
 
 
 class TlsFront:
@@ -567,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(kms)
         admin = stack.kms_client(endpoint, principals.admin)
         key_arn = stack.create_or_load_key(paths, admin)
-        ca, cert, key = make_kms_tls(STATE / "kms-tls")
+        ca, cert, key = issue_server_tls(STATE / "kms-tls", [KMS_HOST])
         front = TlsFront(cert, key, int(endpoint.rpartition(":")[2]))
 
         # The measured configuration: KMS at its real name, its TLS checked against our CA.

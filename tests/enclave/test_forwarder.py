@@ -7,7 +7,6 @@ unix socket plays the parent's vsock-proxy (CID 3, port 8000).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -22,11 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from emulator.ca import issue_server_tls
 from enclave.forwarder import (
     Forwarder,
     ForwarderError,
@@ -144,39 +140,8 @@ def test_relays_both_ways_and_passes_the_half_close_on(sock_dir: Path) -> None:
         target.close()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms.us-east-1.amazonaws.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("kms.us-east-1.amazonaws.com")]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_runs_end_to_end_and_the_forwarder_sees_only_ciphertext(sock_dir: Path) -> None:
-    cert, key = _self_signed(sock_dir)
+    ca, cert, key = issue_server_tls(sock_dir / "tls", ["kms.us-east-1.amazonaws.com"])
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     secret = b"plaintext that only the two TLS ends may read " * 50
@@ -208,7 +173,7 @@ def test_tls_runs_end_to_end_and_the_forwarder_sees_only_ciphertext(sock_dir: Pa
     tls_server = UnixServer(sock_dir / "tls.sock", tls_echo)
     parent = UnixServer(sock_dir / "vsock.sock", tap)
     forwarder = Forwarder(Address.parse("tcp://127.0.0.1:0"), unix(parent.path))
-    client_context = ssl.create_default_context(cafile=str(cert))
+    client_context = ssl.create_default_context(cafile=str(ca))
     try:
         with running(forwarder) as address, tcp_connect(address) as raw:
             with client_context.wrap_socket(
