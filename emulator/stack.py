@@ -999,13 +999,19 @@ def tail(path: Path, lines: int = 20) -> list[str]:
     return (notable if len(notable) > 1 else run)[-lines:]
 
 
+def log_events(path: Path, *names: str) -> list[dict[str, Any]]:
+    """The JSON records of a component's current run, in order (only events `names`, if given).
+
+    Logs carry ids, codes, sizes and timings, never content.
+    """
+    records = (_log_event(line) for line in _current_run(path))
+    return [record for record in records if record and (not names or record.get("event") in names)]
+
+
 def _model_load_error(paths: StatePaths) -> str | None:
     """The error type the enclave logged when its model failed to load in this run, if it did."""
-    for line in _current_run(paths.log("enclave")):
-        record = _log_event(line)
-        if record.get("event") == "model_load_failed":
-            return str(record.get("error", "error"))
-    return None
+    failures = log_events(paths.log("enclave"), "model_load_failed")
+    return str(failures[0].get("error", "error")) if failures else None
 
 
 # ---- the whole stack ---------------------------------------------------------------------------

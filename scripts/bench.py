@@ -773,12 +773,10 @@ def _int8_kernel() -> str:
 
 def _loaded_engine(log: Path) -> str | None:
     """The engine the enclave logged as loaded (its `model_loaded` event)."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("event") == "model_loaded":
-                return str(record.get("model"))
-    return None
+    from emulator.stack import log_events
+
+    loaded = log_events(log, "model_loaded")
+    return str(loaded[-1].get("model")) if loaded else None
 
 
 @contextlib.contextmanager

@@ -77,17 +77,8 @@ def _peak_rss_mib(pid: int) -> float | None:
 def _events(paths: stack.StatePaths) -> dict[str, float]:
     """The load phases the enclave logged in its last run (ms)."""
     out: dict[str, float] = {}
-    lines = paths.log("enclave").read_text().splitlines()
-    start = max(
-        (i for i, line in enumerate(lines) if line.startswith("--- nitro-local")), default=0
-    )
-    for line in lines[start:]:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") in ("model_loaded", "sealed_model_opened"):
-            out[record["event"] + "_ms"] = record.get("ms")
+    for record in stack.log_events(paths.log("enclave"), "model_loaded", "sealed_model_opened"):
+        out[record["event"] + "_ms"] = record.get("ms")
     return out
 
 

@@ -435,7 +435,8 @@ def run_and_ask(
             raise SystemExit(f"image-test: chatbot failed: {done.stderr.strip()[-600:]}")
         if not done.stdout.strip():
             raise SystemExit("image-test: chatbot answered nothing")
-        kernel = int8_kernel(paths.log("enclave"))
+        loaded = stack.log_events(paths.log("enclave"), "model_loaded")
+        kernel = loaded[-1].get("int8_kernel") if loaded else None
         if kernel != "avx2" and shutil.which("gcc") and "avx2" in Path("/proc/cpuinfo").read_text():
             # build_enclave.sh compiles it into the image; fbgemm here means that step broke.
             raise SystemExit(f"image-test: the enclave ran the int8 kernel {kernel}, not avx2")
@@ -453,17 +454,6 @@ def run_and_ask(
         with contextlib.suppress(subprocess.TimeoutExpired):
             follower.wait(timeout=10)
         log.close()
-
-
-def int8_kernel(log: Path) -> str | None:
-    """The int8 kernel the enclave said it loaded its model with (its `model_loaded` event)."""
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("event") == "model_loaded":
-                    return record.get("int8_kernel")
-    return None
 
 
 def kms_operations(paths: stack.StatePaths) -> dict[str, int]:

@@ -351,6 +351,24 @@ def test_tail_shows_this_runs_warnings_and_errors_only(tmp_path: Path) -> None:
     assert stack.tail(tmp_path / "missing.log") == []
 
 
+def test_log_events_are_this_runs_json_records_by_name(tmp_path: Path) -> None:
+    log = tmp_path / "enclave.log"
+    lines = [
+        "--- nitro-local: starting enclave at earlier",
+        _log_line("info", "model_loaded", model="reference"),
+        "--- nitro-local: starting enclave at now",
+        "a line that is not JSON",
+        "[1, 2]",
+        _log_line("info", "request", kind="ready"),
+        _log_line("info", "model_loaded", model="fast", int8_kernel="avx2"),
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    loaded = stack.log_events(log, "model_loaded")
+    assert [record["model"] for record in loaded] == ["fast"]  # this run's only
+    assert [record["event"] for record in stack.log_events(log)] == ["request", "model_loaded"]
+    assert stack.log_events(tmp_path / "missing.log") == []
+
+
 def test_wait_ready_stops_waiting_when_the_model_cannot_load(tmp_path: Path) -> None:
     paths = stack.StatePaths(tmp_path)
     paths.prepare()
